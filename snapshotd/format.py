@@ -1,0 +1,344 @@
+"""The snapshot file format: the safetensors layout plus snapshotd's metadata and digests.
+
+A snapshot file is, byte for byte, a safetensors file (docs/FORMAT.md has the full
+description, enough to write a reader in another language)::
+
+    u64 little-endian N | N bytes of JSON header, space-padded | data section
+
+- The header maps each tensor name to ``dtype``, ``shape`` and ``data_offsets`` (relative
+  to the data section) and holds ``__metadata__`` (str -> str) with our fields, all under
+  the ``snapshotd.`` prefix.
+- Padding puts the data section on a 64-byte boundary; tensors are ordered by item size,
+  largest first, so every tensor is naturally aligned; they are contiguous and the file
+  ends exactly at the last one (safetensors readers reject gaps and trailing bytes).
+- ``complex128`` has no safetensors dtype: it is stored as ``F64`` with a trailing
+  dimension of 2 and its real dtype is recorded in ``snapshotd.dtypes``.
+- Every tensor has an xxh3-128 digest; the header has one too, computed over the whole
+  header region with the digest's own 32 hex digits replaced by zeros. So every byte of
+  the file is covered: the length prefix and the header by the header digest, the data
+  by the tensor digests, the file size by the layout.
+
+This module is pure: it plans layouts, encodes and decodes headers and computes digests
+over buffers it is given. Reading and writing files is the store's job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from snapshotd.errors import SnapshotCorrupt
+from snapshotd.tree import Structure
+
+__all__ = [
+    "DIGEST_ALGORITHM",
+    "FORMAT",
+    "Header",
+    "Layout",
+    "Meta",
+    "Tensor",
+    "decode_header",
+    "digest",
+    "encode_header",
+    "header_length",
+]
+
+FORMAT = "snapshotd/1"
+DIGEST_ALGORITHM = "xxh3-128"
+ALIGN = 64
+#: Refuse headers longer than this before allocating for them (safetensors uses 100 MB too).
+MAX_HEADER_BYTES = 100_000_000
+MAX_NDIM = 64
+_PREFIX = "snapshotd."
+_HEADER_DIGEST_KEY = _PREFIX + "header_digest"
+_ZERO_DIGEST = "0" * 32
+_DIGEST_FIELD = f'"{_HEADER_DIGEST_KEY}":"'.encode()
+
+_SAFETENSORS_DTYPES: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "uint32": "U32",
+    "int32": "I32",
+    "uint64": "U64",
+    "int64": "I64",
+    "float16": "F16",
+    "float32": "F32",
+    "float64": "F64",
+    "complex64": "C64",
+}
+_FROM_SAFETENSORS = {
+    code: np.dtype(name).newbyteorder("<") for name, code in _SAFETENSORS_DTYPES.items()
+}
+#: Logical dtypes stored as another safetensors dtype with a trailing dimension of 2.
+_AS_PAIRS = {"complex128": "F64"}
+
+
+def digest(buffer: Any) -> str:
+    """xxh3-128 of a bytes-like object (any contiguous buffer), as 32 hex digits."""
+    return xxhash.xxh3_128_hexdigest(buffer)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of a layout: its logical dtype and shape and where its bytes lie.
+
+    ``begin``/``end`` are offsets into the data section.
+    """
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    def stored(self) -> tuple[str, list[int]]:
+        """The safetensors ``dtype`` code and ``shape`` this tensor is written with."""
+        name = self.dtype.name
+        if name in _AS_PAIRS:
+            return _AS_PAIRS[name], [*self.shape, 2]
+        return _SAFETENSORS_DTYPES[name], list(self.shape)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every tensor lies in the data section; computed once per set of shapes."""
+
+    tensors: tuple[Tensor, ...]
+    data_size: int
+
+    @classmethod
+    def plan(cls, arrays: Mapping[str, np.ndarray[Any, Any]]) -> Layout:
+        """Order tensors by item size (largest first, tree order within) and lay them out."""
+        order = sorted(arrays.items(), key=lambda item: -_alignment(item[1].dtype))
+        tensors, offset = [], 0
+        for name, array in order:
+            dtype = array.dtype.newbyteorder("<")
+            tensors.append(Tensor(name, dtype, tuple(array.shape), offset, offset + array.nbytes))
+            offset += array.nbytes
+        return cls(tuple(tensors), offset)
+
+    def matches(self, arrays: Mapping[str, np.ndarray[Any, Any]]) -> bool:
+        """True when ``arrays`` has exactly these names, dtypes and shapes."""
+        return len(arrays) == len(self.tensors) and all(
+            t.name in arrays
+            and arrays[t.name].shape == t.shape
+            and arrays[t.name].dtype.newbyteorder("<") == t.dtype
+            for t in self.tensors
+        )
+
+
+def _alignment(dtype: np.dtype[Any]) -> int:
+    # complex128 is stored as pairs of float64: 8-byte alignment is all it needs.
+    return min(dtype.itemsize, 8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Meta:
+    """What a snapshot says about itself, besides its tensors."""
+
+    name: str
+    version: int
+    step: int | None
+    created: datetime
+    structure: Structure
+    safe_point: bool | None = None
+    user: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.created.tzinfo is None:
+            raise ValueError("Meta.created must be timezone-aware")
+
+
+@dataclass(frozen=True)
+class Header:
+    """A decoded, validated header."""
+
+    layout: Layout
+    meta: Meta
+    digests: Mapping[str, str]
+    data_start: int
+
+    @property
+    def file_size(self) -> int:
+        return self.data_start + self.layout.data_size
+
+
+def encode_header(layout: Layout, meta: Meta, digests: Mapping[str, str]) -> bytes:
+    """The complete header region: length prefix, JSON, padding to the 64-byte boundary."""
+    document: dict[str, Any] = {"__metadata__": _metadata(layout, meta, digests)}
+    for tensor in layout.tensors:
+        code, shape = tensor.stored()
+        document[tensor.name] = {
+            "dtype": code,
+            "shape": shape,
+            "data_offsets": [tensor.begin, tensor.end],
+        }
+    text = json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode()
+    padded = len(text) + (-(8 + len(text)) % ALIGN)
+    region = bytearray(struct.pack("<Q", padded) + text.ljust(padded, b" "))
+    at = region.index(_DIGEST_FIELD) + len(_DIGEST_FIELD)
+    region[at : at + 32] = digest(region).encode()
+    return bytes(region)
+
+
+def _metadata(layout: Layout, meta: Meta, digests: Mapping[str, str]) -> dict[str, str]:
+    special = {t.name: t.dtype.name for t in layout.tensors if t.dtype.name in _AS_PAIRS}
+    fields = {
+        "format": FORMAT,
+        "name": meta.name,
+        "version": str(meta.version),
+        "step": "" if meta.step is None else str(meta.step),
+        "created": meta.created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "safe_point": {None: "", True: "true", False: "false"}[meta.safe_point],
+        "tree": _compact(meta.structure),
+        "digest": DIGEST_ALGORITHM,
+        "digests": _compact({t.name: digests[t.name] for t in layout.tensors}),
+        "dtypes": _compact(special),
+        "user": _compact(dict(meta.user)),
+        "header_digest": _ZERO_DIGEST,
+    }
+    return {_PREFIX + key: value for key, value in fields.items()}
+
+
+def _compact(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+def header_length(prefix: bytes, file_size: int, source: str) -> int:
+    """Validate the 8-byte length prefix against the file size and the limit."""
+    if len(prefix) < 8:
+        raise SnapshotCorrupt(source, f"file is {file_size} bytes, shorter than the 8-byte prefix")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES:
+        raise SnapshotCorrupt(source, f"header length {length} exceeds {MAX_HEADER_BYTES}")
+    if 8 + length > file_size:
+        raise SnapshotCorrupt(source, f"header length {length} runs past the end of the file")
+    return int(length)
+
+
+def decode_header(region: bytes, file_size: int, source: str) -> Header:
+    """Parse and validate a header region (prefix included) of a file of ``file_size`` bytes.
+
+    Raises:
+        SnapshotCorrupt: any inconsistency, with the reason; never a bare ValueError.
+    """
+    length = header_length(region, file_size, source)
+    region = region[: 8 + length]
+    _check_header_digest(region, source)
+    try:
+        document = json.loads(region[8:])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SnapshotCorrupt(source, f"header is not JSON: {exc}") from exc
+    try:
+        header = _build_header(document, 8 + length)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapshotCorrupt(source, f"header is malformed: {exc!r}") from exc
+    if header.file_size != file_size:
+        raise SnapshotCorrupt(
+            source, f"file is {file_size} bytes, the header describes {header.file_size}"
+        )
+    return header
+
+
+def _check_header_digest(region: bytes, source: str) -> None:
+    if region.count(_DIGEST_FIELD) != 1:
+        raise SnapshotCorrupt(source, "header has no single snapshotd.header_digest field")
+    at = region.index(_DIGEST_FIELD) + len(_DIGEST_FIELD)
+    stored = region[at : at + 32]
+    zeroed = region[:at] + _ZERO_DIGEST.encode() + region[at + 32 :]
+    if digest(zeroed).encode() != stored:
+        raise SnapshotCorrupt(source, "header digest mismatch")
+
+
+def _build_header(document: dict[str, Any], data_start: int) -> Header:
+    raw = document.pop("__metadata__")
+    meta = {key.removeprefix(_PREFIX): value for key, value in raw.items()}
+    if meta["format"] != FORMAT:
+        raise ValueError(f"unknown format {meta['format']!r}")
+    if meta["digest"] != DIGEST_ALGORITHM:
+        raise ValueError(f"unknown digest algorithm {meta['digest']!r}")
+    special: dict[str, str] = json.loads(meta["dtypes"])
+    layout = _build_layout(document, special)
+    digests: dict[str, str] = json.loads(meta["digests"])
+    names = {t.name for t in layout.tensors}
+    if set(digests) != names:
+        raise ValueError("digests do not name exactly the tensors")
+    built = _build_meta(meta)
+    if sorted(tensor_names(built.structure)) != sorted(names):
+        raise ValueError("the tree does not refer to exactly the tensors")
+    return Header(layout, built, digests, data_start)
+
+
+def _build_layout(document: Mapping[str, Any], special: Mapping[str, str]) -> Layout:
+    tensors = sorted(
+        (_build_tensor(name, entry, special.get(name)) for name, entry in document.items()),
+        key=lambda t: (t.begin, t.end),
+    )
+    offset = 0
+    for tensor in tensors:
+        if tensor.begin != offset:
+            raise ValueError(f"tensor {tensor.name!r} leaves a gap or overlaps at {offset}")
+        offset = tensor.end
+    return Layout(tuple(tensors), offset)
+
+
+def _build_tensor(name: str, entry: Mapping[str, Any], logical: str | None) -> Tensor:
+    begin, end = (int(x) for x in entry["data_offsets"])
+    shape = [int(n) for n in entry["shape"]]
+    if len(shape) > MAX_NDIM or any(n < 0 for n in shape):
+        raise ValueError(f"tensor {name!r} has an invalid shape {shape}")
+    dtype = _FROM_SAFETENSORS[entry["dtype"]]
+    if logical is not None:
+        if _AS_PAIRS.get(logical) != entry["dtype"] or not shape or shape[-1] != 2:
+            raise ValueError(f"tensor {name!r} cannot be {logical}")
+        dtype, shape = np.dtype(logical).newbyteorder("<"), shape[:-1]
+    if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+        raise ValueError(f"tensor {name!r}: offsets {begin}..{end} do not fit its shape")
+    return Tensor(name, dtype, tuple(shape), begin, end)
+
+
+def _build_meta(meta: Mapping[str, str]) -> Meta:
+    return Meta(
+        name=meta["name"],
+        version=int(meta["version"]),
+        step=int(meta["step"]) if meta["step"] else None,
+        created=datetime.fromisoformat(meta["created"]),
+        structure=json.loads(meta["tree"]),
+        safe_point={"": None, "true": True, "false": False}[meta["safe_point"]],
+        user=json.loads(meta["user"]),
+    )
+
+
+def tensor_names(structure: Structure) -> Sequence[str]:
+    """Every tensor name a structure refers to, in tree order."""
+    names: list[str] = []
+    _collect(structure, names)
+    return names
+
+
+def _collect(node: Structure, names: list[str]) -> None:
+    if isinstance(node, dict) and len(node) == 1:
+        ((tag, body),) = node.items()
+        if tag in ("a", "s"):
+            names.append(body)
+        elif tag in ("t", "l"):
+            for child in body:
+                _collect(child, names)
+        elif tag == "d":
+            for _key, child in body:
+                _collect(child, names)

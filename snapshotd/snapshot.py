@@ -1,0 +1,320 @@
+"""One snapshot file on disk: written durably, read back only after full verification.
+
+Writing follows one protocol, in this order (docs/FORMAT.md, "Commit"):
+
+1. create a temporary file in the destination directory (``O_EXCL``, mode 0600), named
+   ``.tmp.<final name>.<pid>.<random>`` so a crashed writer's leftovers are recognisable;
+2. preallocate the whole size, so a full disk fails before any data is written;
+3. write header and tensors with a loop that honours short writes;
+4. ``fsync`` the file, close it;
+5. ``rename`` it to the final name, ``fsync`` the directory.
+
+Any ``OSError`` on the way abandons the attempt: the temporary file is closed and
+unlinked and :class:`CommitFailed` is raised. A failed ``fsync`` is never retried on the
+same descriptor (after a write-back error Linux may report success over lost data); a
+retry is a new file. Crash points between the steps let tests kill the writer anywhere.
+
+Reading opens with ``O_NOFOLLOW``, checks that the file is regular, validates the header
+against the file size, reads the data section into one fresh buffer and checks every
+tensor's digest before a single array is handed out.
+
+This module also holds the store-less library functions :func:`save` and :func:`load`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snapshotd.crashpoint import crashpoint
+from snapshotd.errors import CommitFailed, SnapshotCorrupt, StoreError, UsageError
+from snapshotd.format import (
+    Header,
+    Layout,
+    Meta,
+    decode_header,
+    digest,
+    encode_header,
+    header_length,
+)
+from snapshotd.target import adapt
+from snapshotd.tree import Flat, flatten, unflatten
+
+__all__ = [
+    "Encoded",
+    "Loaded",
+    "encode",
+    "fsync_directory",
+    "load",
+    "read",
+    "read_header",
+    "save",
+    "user_metadata",
+    "write",
+]
+
+TMP_PREFIX = ".tmp."
+_IOV_MAX = 1024
+_READ_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A snapshot ready to write: the header region and the data buffers, in file order."""
+
+    header: bytes
+    buffers: tuple[memoryview, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(b.nbytes for b in self.buffers)
+
+
+def encode(flat: Flat, meta_fields: dict[str, Any]) -> Encoded:
+    """Lay out ``flat``, digest every tensor and build the header (no copy of the data)."""
+    layout = Layout.plan(flat.arrays)
+    buffers = tuple(_bytes_of(flat.arrays[t.name]) for t in layout.tensors)
+    digests = {t.name: digest(b) for t, b in zip(layout.tensors, buffers, strict=True)}
+    meta = Meta(structure=flat.structure, **meta_fields)
+    return Encoded(encode_header(layout, meta, digests), buffers)
+
+
+def _bytes_of(array: np.ndarray[Any, Any]) -> memoryview:
+    # reshape(-1) keeps 0-d and empty arrays viewable; the array is contiguous already.
+    return array.reshape(-1).view(np.uint8).data
+
+
+def write(directory: Path, final_name: str, encoded: Encoded) -> None:
+    """Write ``encoded`` durably as ``directory/final_name`` (see the module docstring).
+
+    Raises:
+        CommitFailed: on any I/O error; nothing is left under either name.
+    """
+    tmp = directory / f"{TMP_PREFIX}{final_name}.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        _write_temporary(tmp, encoded)
+        crashpoint("commit.before_rename")
+        os.rename(tmp, directory / final_name)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise CommitFailed(f"writing {final_name} failed: {exc}", str(directory)) from exc
+    crashpoint("commit.after_rename")
+    try:
+        fsync_directory(directory)
+    except OSError as exc:
+        # The file is visible but not known to be durable: withdraw it, never acknowledge.
+        _unlink_quietly(directory / final_name)
+        raise CommitFailed(f"fsync of {directory} failed: {exc}", str(directory)) from exc
+    crashpoint("commit.after_fsync_dir")
+
+
+def _write_temporary(path: Path, encoded: Encoded) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    try:
+        crashpoint("commit.after_create")
+        os.posix_fallocate(fd, 0, encoded.nbytes)
+        _write_all(fd, [memoryview(encoded.header), *encoded.buffers])
+        crashpoint("commit.before_fsync")
+        os.fsync(fd)
+        crashpoint("commit.after_fsync")
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, buffers: Sequence[memoryview]) -> None:
+    """``writev`` every buffer, in batches of IOV_MAX, resuming after short writes."""
+    pending = [b for b in buffers if b.nbytes]
+    while pending:
+        batch = pending[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        if written == 0:
+            raise OSError(f"writev wrote nothing with {sum(b.nbytes for b in batch)} bytes to go")
+        pending = _advance(pending, written)
+
+
+def _advance(buffers: list[memoryview], written: int) -> list[memoryview]:
+    index = 0
+    while written and written >= buffers[index].nbytes:
+        written -= buffers[index].nbytes
+        index += 1
+    rest = buffers[index:]
+    if written:
+        rest[0] = rest[0][written:]
+    return rest
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the directory's entries (a rename, an unlink) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:  # best effort: the next writer removes leftover temporary files
+        pass
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A verified snapshot: its header and its arrays (views of one private buffer)."""
+
+    header: Header
+    arrays: dict[str, np.ndarray[Any, Any]]
+
+    def tree(self) -> Any:
+        """The state tree, rebuilt from the structure."""
+        return unflatten(self.header.meta.structure, self.arrays)
+
+
+def read_header(path: Path) -> Header:
+    """Read and validate only the header (cheap: no data is read).
+
+    Raises:
+        SnapshotCorrupt: the header is damaged or does not fit the file size.
+        StoreError: the file cannot be opened (missing, not a regular file, no access).
+    """
+    with _open_regular(path) as (fd, size):
+        return _header_from(fd, size, str(path))
+
+
+def read(path: Path) -> Loaded:
+    """Read a whole snapshot and verify every digest before returning anything.
+
+    Raises:
+        SnapshotCorrupt: any check failed; ``.reason`` says which.
+        StoreError: the file cannot be opened.
+    """
+    with _open_regular(path) as (fd, size):
+        header = _header_from(fd, size, str(path))
+        data = _read_data(fd, header, str(path))
+    return Loaded(header, _verified_views(data, header, str(path)))
+
+
+class _open_regular:
+    """Context manager: an fd opened with O_NOFOLLOW on a regular file, and its size."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> tuple[int, int]:
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            info = os.fstat(self.fd)
+        except OSError as exc:
+            self.__exit__()
+            raise StoreError(f"cannot open {self.path}: {exc.strerror}", str(self.path)) from exc
+        if not stat.S_ISREG(info.st_mode):
+            self.__exit__()
+            raise StoreError(f"{self.path} is not a regular file", str(self.path))
+        return self.fd, info.st_size
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _header_from(fd: int, size: int, source: str) -> Header:
+    length = header_length(os.pread(fd, 8, 0), size, source)
+    region = os.pread(fd, 8 + length, 0)
+    return decode_header(region, size, source)
+
+
+def _read_data(fd: int, header: Header, source: str) -> np.ndarray[Any, Any]:
+    data = np.empty(header.layout.data_size, dtype=np.uint8)
+    view, offset = data.data, 0
+    while offset < data.nbytes:
+        end = min(offset + _READ_CHUNK, data.nbytes)
+        got = os.preadv(fd, [view[offset:end]], header.data_start + offset)
+        if got == 0:
+            raise SnapshotCorrupt(source, f"file ended {data.nbytes - offset} bytes early")
+        offset += got
+    return data
+
+
+def _verified_views(
+    data: np.ndarray[Any, Any], header: Header, source: str
+) -> dict[str, np.ndarray[Any, Any]]:
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    for tensor in header.layout.tensors:
+        chunk = data[tensor.begin : tensor.end]
+        if digest(chunk) != header.digests[tensor.name]:
+            raise SnapshotCorrupt(source, f"digest mismatch in tensor {tensor.name!r}")
+        arrays[tensor.name] = chunk.view(tensor.dtype).reshape(tensor.shape)
+    return arrays
+
+
+def save(
+    path: str | os.PathLike[str],
+    obj: object,
+    *,
+    step: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``obj``'s state to one snapshot file, atomically and durably.
+
+    ``obj`` is an object with ``__getstate__``, a dict, or a plain state tree (a tuple or
+    list). The file is a safetensors file any safetensors reader opens.
+
+    Raises:
+        StateError: the state holds something that cannot be stored (the path says where).
+        CommitFailed: an I/O error; an existing file at ``path`` is left as it was.
+    """
+    target = Path(path)
+    state = obj if isinstance(obj, tuple | list) else adapt(obj).get_state()
+    meta = _standalone_meta(target.stem, step, metadata)
+    write(target.parent, target.name, encode(flatten(state), meta))
+
+
+def _standalone_meta(
+    name: str, step: int | None, metadata: Mapping[str, str] | None
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "version": 0,
+        "step": step,
+        "created": datetime.now(UTC),
+        "user": user_metadata(metadata),
+    }
+
+
+def user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """Check that user metadata maps str to str; return a copy."""
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise UsageError(f"metadata must map str to str; got {key!r}: {value!r}")
+    return dict(metadata or {})
+
+
+def load(path: str | os.PathLike[str], into: object = None) -> Any:
+    """Read and verify one snapshot file.
+
+    Without ``into``, return the state tree. With ``into``, restore it into that object
+    (``__setstate__``, or in place for a dict) and return ``into``.
+
+    Raises:
+        SnapshotCorrupt: the file fails verification; nothing is restored.
+        RestoreMismatch: the stored names do not fit the dict ``into``.
+    """
+    tree = read(Path(path)).tree()
+    if into is None:
+        return tree
+    adapt(into).set_state(tree)
+    return into

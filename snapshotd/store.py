@@ -1,0 +1,471 @@
+"""The versioned store: the only code that names, lists, locks, moves or deletes snapshots.
+
+Layout under the root (directories 0700, files 0600)::
+
+    <root>/<run>/.lock                      flock'd by every writer of <run>; holds the
+                                            highest version handed out (a hint)
+    <root>/<run>/v000001.safetensors        committed snapshots, one file each
+    <root>/<run>/.tmp.v000002...            a commit in progress (or a crashed one)
+    <root>/<run>/quarantine/v000003.safetensors         bad files, moved aside, never deleted
+    <root>/<run>/quarantine/v000003.safetensors.reason  why
+
+Rules:
+
+- Versions start at 1, increase, and are never reused: the next one is one more than
+  the highest seen in the run directory, in quarantine and in the lock file's hint.
+- Every change to a run (commit, prune, quarantine) holds the run's ``flock``, so two
+  writers, in one process or many, never collide. The kernel drops the lock when a
+  process dies: no stale-lock heuristics. A temporary file present while we hold the
+  lock belongs to a writer that died, and is removed.
+- Loading takes the newest version that verifies; each bad newer one is moved to
+  quarantine with its reason and a :class:`~snapshotd.errors.FallbackWarning` is issued.
+- Pruning keeps what the retention policy says, never the newest good version, never
+  a file whose name or header is not ours; a damaged file is quarantined, not deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snapshotd import retention, snapshot
+from snapshotd.crashpoint import crashpoint
+from snapshotd.errors import (
+    FallbackWarning,
+    NoGoodSnapshot,
+    NoSnapshot,
+    SnapshotCorrupt,
+    StoreError,
+    UsageError,
+)
+from snapshotd.format import Header
+from snapshotd.names import check_name
+from snapshotd.target import adapt
+from snapshotd.tree import Flat, flatten
+
+__all__ = ["Check", "Store", "Version"]
+
+_FILE = re.compile(r"v(\d{6,})\.safetensors")
+_QUARANTINE = "quarantine"
+_LOCK = ".lock"
+_UNKNOWN_TIME = datetime.min.replace(tzinfo=UTC)
+
+
+def file_name(version: int) -> str:
+    """The file name of a version: ``v000042.safetensors``."""
+    return f"v{version:06d}.safetensors"
+
+
+@dataclass(frozen=True)
+class Version:
+    """One listed snapshot. ``problem`` is set when its header could not be read.
+
+    Satisfies :class:`snapshotd.retention.Candidate` (``version``, ``created``).
+    """
+
+    name: str
+    version: int
+    path: Path
+    nbytes: int
+    step: int | None = None
+    created: datetime = _UNKNOWN_TIME
+    safe_point: bool | None = None
+    problem: str | None = None
+
+    @property
+    def state(self) -> str:
+        return "ok" if self.problem is None else "damaged"
+
+
+@dataclass(frozen=True)
+class Check:
+    """The result of fully verifying one version."""
+
+    name: str
+    version: int
+    path: Path
+    problem: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+class Store:
+    """A directory of runs, each a directory of versioned snapshot files."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- writing ---------------------------------------------------------------------
+
+    def commit(
+        self,
+        name: str,
+        state: object,
+        *,
+        step: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        safe_point: bool | None = None,
+        created: datetime | None = None,
+    ) -> int:
+        """Write ``state`` as the next version of ``name``; durable when it returns.
+
+        ``state`` is a state tree, a dict, or an object with ``__getstate__``.
+
+        Returns:
+            The new version number.
+
+        Raises:
+            InvalidName: ``name`` is not a valid run name.
+            StateError: the state holds something that cannot be stored.
+            CommitFailed: an I/O error; no new version exists, older ones are untouched.
+        """
+        tree = state if isinstance(state, tuple | list) else adapt(state).get_state()
+        return self.commit_flat(
+            name,
+            flatten(tree),
+            step=step,
+            metadata=metadata,
+            safe_point=safe_point,
+            created=created,
+        )
+
+    def commit_flat(
+        self,
+        name: str,
+        flat: Flat,
+        *,
+        step: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        safe_point: bool | None = None,
+        created: datetime | None = None,
+    ) -> int:
+        """:meth:`commit` for a state that is already flattened (the daemon's path)."""
+        run = self._run_dir(check_name(name), create=True)
+        with self._locked(run) as lock_fd:
+            _remove_temporaries(run)
+            version = self._next_version(run, lock_fd)
+            fields = {
+                "name": name,
+                "version": version,
+                "step": step,
+                "created": created or datetime.now(UTC),
+                "safe_point": safe_point,
+                "user": snapshot.user_metadata(metadata),
+            }
+            snapshot.write(run, file_name(version), snapshot.encode(flat, fields))
+            os.pwrite(lock_fd, f"{version}\n".encode(), 0)
+        return version
+
+    # -- reading ---------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Every run with a directory in the store, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _is_name(p.name))
+
+    def versions(self, name: str) -> list[Version]:
+        """The listed versions of ``name``, oldest first (headers read, data not)."""
+        run = self._run_dir(check_name(name))
+        return [self._describe(name, version, path) for version, path in _listed(run)]
+
+    def load(self, name: str, version: int | None = None, into: object = None) -> Any:
+        """Load the newest good version (or ``version``); see :func:`snapshotd.load`.
+
+        Raises:
+            NoSnapshot: no versions at all, or ``version`` does not exist.
+            NoGoodSnapshot: versions exist but none verifies (all were quarantined).
+            SnapshotCorrupt: the explicitly requested ``version`` is bad (quarantined).
+        """
+        loaded = self.read(name, version)
+        tree = loaded.tree()
+        if into is None:
+            return tree
+        adapt(into).set_state(tree)
+        return into
+
+    def read(self, name: str, version: int | None = None) -> snapshot.Loaded:
+        """The verified snapshot (header and arrays) that :meth:`load` would use."""
+        run = self._run_dir(check_name(name))
+        if version is not None:
+            return self._read_exact(name, run, version)
+        listed = _listed(run)
+        if not listed:
+            raise NoSnapshot(f"no snapshots of {name!r} in {self.root}", str(run))
+        for found, path in reversed(listed):
+            try:
+                return snapshot.read(path)
+            except SnapshotCorrupt as exc:
+                self._quarantine(run, found, path, exc.reason)
+                _warn_fallback(name, found, exc.reason)
+        raise NoGoodSnapshot(
+            f"none of the {len(listed)} snapshots of {name!r} verifies; "
+            f"the bad files are in {run / _QUARANTINE}",
+            str(run),
+        )
+
+    def _read_exact(self, name: str, run: Path, version: int) -> snapshot.Loaded:
+        path = run / file_name(version)
+        if not path.exists():
+            raise NoSnapshot(f"{name!r} has no version {version}", str(path))
+        try:
+            return snapshot.read(path)
+        except SnapshotCorrupt as exc:
+            self._quarantine(run, version, path, exc.reason)
+            raise
+
+    def verify(self, name: str | None = None) -> list[Check]:
+        """Fully re-read and check every version (of ``name``, or of every run).
+
+        Read-only: a bad file is reported, not moved (loading and pruning move it).
+        """
+        checks = []
+        for run_name in [check_name(name)] if name else self.names():
+            for found, path in _listed(self._run_dir(run_name)):
+                checks.append(Check(run_name, found, path, _problem_of(path)))
+        return checks
+
+    def quarantined(self, name: str) -> list[Path]:
+        """The files of ``name`` that were moved aside, oldest first."""
+        folder = self._run_dir(check_name(name)) / _QUARANTINE
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if _FILE.fullmatch(p.name))
+
+    # -- retention -------------------------------------------------------------------
+
+    def prune(
+        self, name: str, policy: retention.Policy, *, dry_run: bool = False
+    ) -> list[retention.Decision]:
+        """Apply ``policy`` to ``name`` now; return one decision per version, newest first.
+
+        The newest version that verifies anchors the policy and is always kept. Newer
+        versions that fail verification are quarantined first (reported, not moved, on a
+        dry run). Versions whose header cannot be read are quarantined, never deleted.
+        """
+        run = self._run_dir(check_name(name))
+        if not run.is_dir():
+            return []
+        with self._locked(run):
+            candidates = self._prune_candidates(name, run, dry_run)
+            decisions = retention.plan(candidates, policy)
+            if not dry_run:
+                self._delete(run, [d.version for d in decisions if not d.keep])
+        return decisions
+
+    def _prune_candidates(self, name: str, run: Path, dry_run: bool) -> list[Version]:
+        listed = [self._describe(name, v, p) for v, p in _listed(run)]
+        usable = []
+        for version in listed:
+            if version.problem is not None and not dry_run:
+                self._quarantine(run, version.version, version.path, version.problem)
+            elif version.problem is None:
+                usable.append(version)
+        while usable and (problem := _problem_of(usable[-1].path)) is not None:
+            bad = usable.pop()
+            if not dry_run:
+                self._quarantine(run, bad.version, bad.path, problem)
+        return usable
+
+    def _delete(self, run: Path, versions: list[int]) -> None:
+        for version in versions:
+            crashpoint("prune.before_unlink")
+            os.unlink(run / file_name(version))
+        if versions:
+            snapshot.fsync_directory(run)
+
+    # -- export ----------------------------------------------------------------------
+
+    def export(
+        self, name: str, destination: str | os.PathLike[str], version: int | None = None
+    ) -> int:
+        """Write one verified version as ``.safetensors`` or ``.npz``; return its version.
+
+        The ``.safetensors`` copy is the snapshot file itself (all metadata kept). The
+        ``.npz`` holds one array per tensor name and loads with ``allow_pickle=False``;
+        scalars that are not numpy values and the tree structure are not in it.
+
+        Raises:
+            UsageError: the destination has another suffix.
+        """
+        target = Path(destination)
+        if target.suffix not in (".safetensors", ".npz"):
+            raise UsageError(
+                f"export to .safetensors or .npz, not {target.suffix or target.name!r}"
+            )
+        loaded = self.read(name, version)
+        if target.suffix == ".npz":
+            _write_npz(target, loaded.arrays)
+        else:
+            fields = _fields_of(loaded.header)
+            flat = Flat(loaded.arrays, loaded.header.meta.structure)
+            snapshot.write(target.parent, target.name, snapshot.encode(flat, fields))
+        return loaded.header.meta.version
+
+    # -- internals -------------------------------------------------------------------
+
+    def _run_dir(self, name: str, *, create: bool = False) -> Path:
+        run = self.root / name
+        if create and not run.is_dir():
+            _make_private_dir(self.root)
+            _make_private_dir(run)
+        return run
+
+    @contextlib.contextmanager
+    def _locked(self, run: Path) -> Iterator[int]:
+        try:
+            fd = os.open(run / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open the lock of {run}: {exc.strerror}", str(run)) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _next_version(self, run: Path, lock_fd: int) -> int:
+        seen = [v for v, _ in _listed(run)] + [v for v, _ in _listed(run / _QUARANTINE)]
+        hint = os.pread(lock_fd, 32, 0).strip()
+        if hint.isdigit():
+            seen.append(int(hint))
+        return max(seen, default=0) + 1
+
+    def _describe(self, name: str, version: int, path: Path) -> Version:
+        try:
+            header = snapshot.read_header(path)
+        except StoreError as exc:
+            size = path.stat().st_size if path.exists() else 0
+            return Version(name, version, path, size, problem=str(exc))
+        meta = header.meta
+        if meta.version != version:
+            return Version(name, version, path, header.file_size, problem=_misnamed(meta.version))
+        return Version(
+            name, version, path, header.file_size, meta.step, meta.created, meta.safe_point
+        )
+
+    def _quarantine(self, run: Path, version: int, path: Path, reason: str) -> None:
+        folder = run / _QUARANTINE
+        try:
+            _make_private_dir(folder)
+            target = folder / file_name(version)
+            suffix = 1
+            while target.exists():
+                suffix += 1
+                target = folder / f"{file_name(version)}.{suffix}"
+            os.rename(path, target)
+            target.with_name(target.name + ".reason").write_text(reason + "\n")
+            snapshot.fsync_directory(run)
+            snapshot.fsync_directory(folder)
+        except OSError as exc:
+            warnings.warn(
+                f"could not move bad snapshot {path} to quarantine: {exc}",
+                FallbackWarning,
+                stacklevel=3,
+            )
+
+
+def _listed(run: Path) -> list[tuple[int, Path]]:
+    """Committed snapshot files in ``run`` by version, oldest first; nothing else."""
+    try:
+        entries = list(os.scandir(run))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        match = _FILE.fullmatch(entry.name)
+        if match and entry.is_file(follow_symlinks=False):
+            found.append((int(match.group(1)), Path(entry.path)))
+    return sorted(found)
+
+
+def _problem_of(path: Path) -> str | None:
+    try:
+        loaded = snapshot.read(path)
+    except SnapshotCorrupt as exc:
+        return exc.reason
+    except StoreError as exc:
+        return str(exc)
+    match = _FILE.fullmatch(path.name)
+    if match and int(match.group(1)) != loaded.header.meta.version:
+        return _misnamed(loaded.header.meta.version)
+    return None
+
+
+def _misnamed(header_version: int) -> str:
+    return f"the header says version {header_version}, the file name says otherwise"
+
+
+def _remove_temporaries(run: Path) -> None:
+    # Called with the run lock held: every writer holds it while its temporary file
+    # exists, so any temporary file seen now belongs to a writer that died.
+    for entry in os.scandir(run):
+        if entry.name.startswith(snapshot.TMP_PREFIX):
+            os.unlink(entry.path)
+
+
+def _make_private_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot create {path}: {exc.strerror}", str(path)) from exc
+    snapshot.fsync_directory(path.parent)
+
+
+def _is_name(text: str) -> bool:
+    try:
+        check_name(text)
+    except UsageError:
+        return False
+    return True
+
+
+def _warn_fallback(name: str, version: int, reason: str) -> None:
+    warnings.warn(
+        f"snapshot {name!r} version {version} is bad ({reason}); "
+        "moved to quarantine, falling back to an older version",
+        FallbackWarning,
+        stacklevel=4,
+    )
+
+
+def _fields_of(header: Header) -> dict[str, Any]:
+    meta = header.meta
+    return {
+        "name": meta.name,
+        "version": meta.version,
+        "step": meta.step,
+        "created": meta.created,
+        "safe_point": meta.safe_point,
+        "user": dict(meta.user),
+    }
+
+
+def _write_npz(target: Path, arrays: Mapping[str, np.ndarray[Any, Any]]) -> None:
+    tmp = target.with_name(f"{snapshot.TMP_PREFIX}{target.name}.{os.getpid()}")
+    # What np.savez does, without its keyword arguments colliding with tensor names.
+    with open(tmp, "wb") as stream, zipfile.ZipFile(stream, "w") as archive:
+        for name, array in arrays.items():
+            with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+    with open(tmp, "rb") as written:
+        os.fsync(written.fileno())
+    os.rename(tmp, target)
+    snapshot.fsync_directory(target.parent)

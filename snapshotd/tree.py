@@ -1,0 +1,176 @@
+"""State trees: a user's state as flat, named arrays plus a JSON structure, and back.
+
+A *state tree* is what ``__getstate__`` returns: numpy arrays, nested tuples, lists and
+dicts (keys ``str`` or ``int``), and plain scalars (``int``, ``float``, ``str``, ``bool``,
+``None``, and numpy scalars). :func:`flatten` splits it into
+
+- ``arrays``: an ordered mapping of tensor name -> contiguous little-endian ndarray
+  (a view of the caller's array when no conversion is needed: nothing is copied here), and
+- ``structure``: a JSON-able description of the tree whose leaves point at tensor names.
+
+:func:`unflatten` is the inverse. Tensor names are the path inside the tree joined by
+``/`` with each key percent-escaped (``opt/m/0``), so another tool reading the file sees
+meaningful names; the structure refers to names explicitly, so the naming rule is not
+part of the format. This module owns the tree <-> flat mapping and the dtype allow-list,
+nothing else: no files, no sockets, no clock.
+
+Structure nodes (see docs/FORMAT.md): ``{"a": name}`` array, ``{"s": name}`` numpy scalar
+(stored as a 0-d tensor), ``{"t": [...]}`` tuple, ``{"l": [...]}`` list,
+``{"d": [[key, node], ...]}`` dict, ``{"f": repr}`` float (exact, NaN/inf included), and
+JSON ``null``/``true``/``false``/integers/strings for the other scalars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from snapshotd.errors import StateError
+
+__all__ = ["ALLOWED_KINDS", "Flat", "check_dtype", "flatten", "unflatten"]
+
+#: numpy dtype kinds we store: bool, signed, unsigned, float, complex.
+ALLOWED_KINDS = frozenset("biufc")
+#: Names a tensor may not take: safetensors reserves ``__metadata__``.
+_RESERVED = frozenset({"__metadata__"})
+_MAX_DEPTH = 256
+
+Structure = Any  # JSON-able: dict | list | str | int | bool | None
+
+
+@dataclass(frozen=True)
+class Flat:
+    """A flattened state: named arrays (in tree order) and the structure that joins them."""
+
+    arrays: dict[str, np.ndarray[Any, Any]]
+    structure: Structure
+
+
+def check_dtype(dtype: np.dtype[Any], where: str) -> None:
+    """Raise :class:`StateError` unless ``dtype`` is on the allow-list."""
+    if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None:
+        raise StateError(where, f"dtype {dtype} is not supported (bool, int, uint, float, complex)")
+    if (dtype.kind in "fc" and dtype.itemsize > 16) or (dtype.kind == "f" and dtype.itemsize > 8):
+        raise StateError(where, f"dtype {dtype} (extended precision) is not portable; use float64")
+
+
+def flatten(state: object) -> Flat:
+    """Split a state tree into named arrays and a structure.
+
+    Raises:
+        StateError: for anything that is not an allowed leaf or container; the message
+            names the path, e.g. ``state['opt'][2]: object of type set is not supported``.
+    """
+    flattener = _Flattener()
+    structure = flattener.node(state, "state", (), 0)
+    return Flat(arrays=flattener.arrays, structure=structure)
+
+
+def unflatten(structure: Structure, arrays: Mapping[str, np.ndarray[Any, Any]]) -> Any:
+    """Rebuild the tree described by ``structure`` from ``arrays``.
+
+    Raises:
+        KeyError: a leaf names a tensor that is not in ``arrays``.
+        ValueError: the structure is not one this module writes.
+    """
+    if structure is None or isinstance(structure, bool | int | str):
+        return structure
+    if isinstance(structure, dict) and len(structure) == 1:
+        ((tag, body),) = structure.items()
+        return _UNFLATTENERS[tag](body, arrays)
+    raise ValueError(f"not a structure node: {structure!r:.80}")
+
+
+def _unflatten_dict(body: Any, arrays: Mapping[str, np.ndarray[Any, Any]]) -> dict[Any, Any]:
+    return {key: unflatten(child, arrays) for key, child in body}
+
+
+_UNFLATTENERS: dict[str, Any] = {
+    "a": lambda body, arrays: arrays[body],
+    "s": lambda body, arrays: arrays[body][()],
+    "t": lambda body, arrays: tuple(unflatten(child, arrays) for child in body),
+    "l": lambda body, arrays: [unflatten(child, arrays) for child in body],
+    "d": _unflatten_dict,
+    "f": lambda body, arrays: float(body),
+}
+
+
+class _Flattener:
+    """Walks one tree; collects arrays under unique names."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray[Any, Any]] = {}
+
+    def node(self, value: object, where: str, path: tuple[str, ...], depth: int) -> Structure:
+        if depth > _MAX_DEPTH:
+            raise StateError(where, f"nested deeper than {_MAX_DEPTH} levels")
+        # bool before int: bool is a subclass of int.
+        if value is None or isinstance(value, bool | str):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return {"f": repr(float(value))}
+        if isinstance(value, np.ndarray):
+            return {"a": self.array(value, where, path)}
+        if isinstance(value, np.generic):
+            return {"s": self.array(np.asarray(value), where, path)}
+        if isinstance(value, tuple | list):
+            return self.sequence(value, where, path, depth)
+        if isinstance(value, dict):
+            return {"d": list(self.items(value, where, path, depth))}
+        raise StateError(where, f"object of type {type(value).__name__} is not supported")
+
+    def sequence(
+        self, value: tuple[Any, ...] | list[Any], where: str, path: tuple[str, ...], depth: int
+    ) -> Structure:
+        tag = "t" if isinstance(value, tuple) else "l"
+        if type(value) not in (tuple, list):
+            raise StateError(
+                where, f"{type(value).__name__} (a subclass of {tag}) is not supported"
+            )
+        return {
+            tag: [
+                self.node(item, f"{where}[{i}]", (*path, str(i)), depth + 1)
+                for i, item in enumerate(value)
+            ]
+        }
+
+    def items(
+        self, value: dict[Any, Any], where: str, path: tuple[str, ...], depth: int
+    ) -> Iterator[list[Any]]:
+        for key, item in value.items():
+            if isinstance(key, bool) or not isinstance(key, str | int):
+                raise StateError(
+                    f"{where}[{key!r}]", f"dict key of type {type(key).__name__} (use str or int)"
+                )
+            child = self.node(item, f"{where}[{key!r}]", (*path, str(key)), depth + 1)
+            yield [key, child]
+
+    def array(self, value: np.ndarray[Any, Any], where: str, path: tuple[str, ...]) -> str:
+        if isinstance(value, np.ma.MaskedArray):
+            raise StateError(where, "masked arrays are not supported (store data and mask)")
+        check_dtype(value.dtype, where)
+        name = self.unique_name(path)
+        self.arrays[name] = _little_endian_contiguous(np.asarray(value))
+        return name
+
+    def unique_name(self, path: tuple[str, ...]) -> str:
+        base = "/".join(quote(part, safe="") for part in path) or "state"
+        name, n = base, 1
+        while name in self.arrays or name in _RESERVED:
+            n += 1
+            name = f"{base}~{n}"
+        return name
+
+
+def _little_endian_contiguous(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    # Conversions copy; a contiguous little-endian array passes through as a view.
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and np.little_endian is False):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    # np.ascontiguousarray would turn a 0-d array into a 1-d one.
+    return array if array.flags.c_contiguous else array.copy(order="C")
