@@ -1,0 +1,5 @@
+"""``python -m snapshotd``: the command line."""
+
+from snapshotd.cli import main
+
+raise SystemExit(main())

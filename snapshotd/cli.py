@@ -1,0 +1,305 @@
+"""The ``snapshotd`` command line: parse, load the config, call the store, print, exit.
+
+Exit codes are part of the interface (docs/CLI.md):
+
+====  ==========================================================================
+0     success
+1     ``verify`` found at least one bad snapshot
+2     usage or configuration error (nothing was done)
+3     no snapshot (or no good snapshot) to act on
+4     the store failed: an I/O error, a lock, a file we cannot read
+====  ==========================================================================
+
+User errors print one line to stderr starting with ``snapshotd:`` and never a
+traceback. ``--json`` on the read commands prints one JSON document to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from snapshotd import config as configuration
+from snapshotd.errors import ConfigError, NoSnapshot, SnapshotdError, UsageError
+from snapshotd.store import Check, Store, Version
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_BAD_SNAPSHOT = 1
+EXIT_USAGE = 2
+EXIT_NO_SNAPSHOT = 3
+EXIT_STORE = 4
+
+Handler = Callable[[argparse.Namespace, TextIO], int]
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run one command; return its exit code."""
+    out = out or sys.stdout
+    parser = _parser()
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        try:
+            handler: Handler = args.handler
+            return handler(args, out)
+        except SnapshotdError as exc:
+            print(f"snapshotd: {exc}", file=sys.stderr)
+            return _exit_code(exc)
+        except BrokenPipeError:
+            return EXIT_OK
+        except OSError as exc:
+            print(f"snapshotd: {exc}", file=sys.stderr)
+            return EXIT_STORE
+
+
+def _exit_code(exc: SnapshotdError) -> int:
+    if isinstance(exc, ConfigError | UsageError):
+        return EXIT_USAGE
+    if isinstance(exc, NoSnapshot):
+        return EXIT_NO_SNAPSHOT
+    return EXIT_STORE
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    print(f"snapshotd: warning: {message}", file=sys.stderr)
+
+
+# -- parsing -------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        help="config file (default: $SNAPSHOTD_CONFIG, then /etc/snapshotd/snapshotd.yaml)",
+    )
+    common.add_argument("--store", type=Path, help="store directory (overrides the config's)")
+    parser = argparse.ArgumentParser(
+        prog="snapshotd",
+        description="Periodic, versioned, crash-safe snapshots of running experiments.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_list, _add_verify, _add_prune, _add_export):
+        add(commands, common)
+    return parser
+
+
+def _command(
+    commands: Any, common: argparse.ArgumentParser, name: str, help_text: str, handler: Handler
+) -> argparse.ArgumentParser:
+    sub: argparse.ArgumentParser = commands.add_parser(
+        name, parents=[common], help=help_text, description=help_text
+    )
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _add_list(commands: Any, common: argparse.ArgumentParser) -> None:
+    sub = _command(commands, common, "list", "list the versions of each experiment", _list)
+    sub.add_argument("name", nargs="?", help="only this experiment")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_verify(commands: Any, common: argparse.ArgumentParser) -> None:
+    sub = _command(
+        commands,
+        common,
+        "verify",
+        "re-read and check every snapshot (exit 1 if any is bad)",
+        _verify,
+    )
+    sub.add_argument("name", nargs="?", help="only this experiment")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_prune(commands: Any, common: argparse.ArgumentParser) -> None:
+    sub = _command(
+        commands,
+        common,
+        "prune",
+        "apply the retention policy now and say why each is kept",
+        _prune,
+    )
+    sub.add_argument("name", nargs="?", help="only this experiment")
+    sub.add_argument("--dry-run", action="store_true", help="decide and print, delete nothing")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_export(commands: Any, common: argparse.ArgumentParser) -> None:
+    sub = _command(
+        commands, common, "export", "write one snapshot as .safetensors or .npz", _export
+    )
+    sub.add_argument("name", help="experiment")
+    sub.add_argument("--version", type=int, help="version (default: the newest good one)")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="FILE.safetensors|.npz")
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+def _load_config(args: argparse.Namespace) -> configuration.Config:
+    path = args.config or configuration.default_path(os.environ)
+    return configuration.load(path)
+
+
+def _store(args: argparse.Namespace) -> Store:
+    if args.store is not None and args.config is None:
+        return Store(args.store)
+    loaded = _load_config(args)
+    return Store(args.store or loaded.store)
+
+
+def _names(store: Store, name: str | None) -> list[str]:
+    return [name] if name else store.names()
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def _list(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    rows = [v for name in _names(store, args.name) for v in store.versions(name)]
+    if args.json:
+        _print_json(out, [_version_json(v) for v in rows])
+        return EXIT_OK
+    _print_table(
+        out,
+        ["NAME", "VERSION", "CREATED (UTC)", "STEP", "SIZE", "STATE"],
+        [
+            [v.name, str(v.version), _when(v), _step(v.step), _size(v.nbytes), _state(v)]
+            for v in rows
+        ],
+    )
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    checks = store.verify(args.name)
+    bad = [c for c in checks if not c.ok]
+    if args.json:
+        _print_json(
+            out,
+            {
+                "checked": len(checks),
+                "bad": len(bad),
+                "snapshots": [_check_json(c) for c in checks],
+            },
+        )
+    else:
+        for check in checks:
+            verdict = "ok" if check.ok else f"BAD: {check.problem}"
+            print(f"{check.name} v{check.version}: {verdict}", file=out)
+        print(f"{len(checks)} checked, {len(bad)} bad", file=out)
+    return EXIT_BAD_SNAPSHOT if bad else EXIT_OK
+
+
+def _prune(args: argparse.Namespace, out: TextIO) -> int:
+    loaded = _load_config(args)
+    store = Store(args.store or loaded.store)
+    report = []
+    for name in _names(store, args.name):
+        _schedule, policy = loaded.for_experiment(name)
+        for decision in store.prune(name, policy, dry_run=args.dry_run):
+            report.append((name, decision))
+    if args.json:
+        _print_json(
+            out,
+            [
+                {"name": n, "version": d.version, "keep": d.keep, "reasons": list(d.reasons)}
+                for n, d in report
+            ],
+        )
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    for name, decision in report:
+        why = f"keep ({', '.join(decision.reasons)})" if decision.keep else verb
+        print(f"{name} v{decision.version}: {why}", file=out)
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    version = store.export(args.name, args.output, args.version)
+    print(f"exported {args.name} v{version} to {args.output}", file=out)
+    return EXIT_OK
+
+
+# -- output --------------------------------------------------------------------------
+
+
+def _version_json(v: Version) -> dict[str, Any]:
+    return {
+        "name": v.name,
+        "version": v.version,
+        "created": None if v.problem else v.created.isoformat(),
+        "step": v.step,
+        "nbytes": v.nbytes,
+        "safe_point": v.safe_point,
+        "state": v.state,
+        "problem": v.problem,
+        "path": str(v.path),
+    }
+
+
+def _check_json(c: Check) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "version": c.version,
+        "ok": c.ok,
+        "problem": c.problem,
+        "path": str(c.path),
+    }
+
+
+def _when(v: Version) -> str:
+    return "-" if v.problem else v.created.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _step(step: int | None) -> str:
+    return "-" if step is None else str(step)
+
+
+def _state(v: Version) -> str:
+    if v.problem:
+        return f"damaged: {v.problem}"
+    return {None: "ok", True: "ok", False: "ok (no safe point)"}[v.safe_point]
+
+
+def _size(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _print_table(out: TextIO, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
+
+
+def _print_json(out: TextIO, value: object) -> None:
+    json.dump(value, out, indent=2)
+    out.write("\n")
