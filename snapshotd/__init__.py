@@ -3,6 +3,13 @@
 The experiment-facing API. ``import snapshotd`` loads numpy, xxhash and the standard
 library only: never yaml, APScheduler or watchdog (those belong to the daemon).
 
+In a training script::
+
+    run = snapshotd.register("mnist-lr", model, resume=True)
+    for step in range(start, steps):
+        train(model)
+        run.step(step)                                # a safe point for the daemon
+
 Without a daemon::
 
     snapshotd.save("model.safetensors", model)        # one file, atomic, via __getstate__
@@ -13,19 +20,25 @@ Without a daemon::
 
 from __future__ import annotations
 
+from snapshotd.client import Resumed, Run, register
 from snapshotd.errors import (
     CommitFailed,
     ConfigError,
+    DaemonError,
     FallbackWarning,
     InvalidName,
     LocalProtocolError,
     NoGoodSnapshot,
     NoSnapshot,
+    PeerError,
+    PeerRefused,
+    PeerUnreachable,
     ProtocolError,
     RemoteProtocolError,
     RestoreMismatch,
     SnapshotCorrupt,
     SnapshotdError,
+    SnapshotSkipped,
     StateError,
     StoreError,
     StoreLocked,
@@ -38,15 +51,22 @@ __all__ = [
     "Check",
     "CommitFailed",
     "ConfigError",
+    "DaemonError",
     "FallbackWarning",
     "InvalidName",
     "LocalProtocolError",
     "NoGoodSnapshot",
     "NoSnapshot",
+    "PeerError",
+    "PeerRefused",
+    "PeerUnreachable",
     "ProtocolError",
     "RemoteProtocolError",
     "RestoreMismatch",
+    "Resumed",
+    "Run",
     "SnapshotCorrupt",
+    "SnapshotSkipped",
     "SnapshotdError",
     "StateError",
     "Store",
@@ -55,6 +75,7 @@ __all__ = [
     "UsageError",
     "Version",
     "load",
+    "register",
     "save",
 ]
 __version__ = "0.1.0"

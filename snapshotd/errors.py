@@ -14,9 +14,14 @@ Everything snapshotd raises on purpose derives from :class:`SnapshotdError`::
     │   ├── SnapshotCorrupt     a file failed verification; .reason says which check
     │   └── NoSnapshot          nothing (good) to load for that run
     │       └── NoGoodSnapshot  versions exist, but none of them verifies
-    └── ProtocolError           a wire message broke the protocol (abstract)
-        ├── LocalProtocolError  we were about to send something invalid: our bug
-        └── RemoteProtocolError the peer sent something invalid: drop the peer
+    ├── ProtocolError           a wire message broke the protocol (abstract)
+    │   ├── LocalProtocolError  we were about to send something invalid: our bug
+    │   └── RemoteProtocolError the peer sent something invalid: drop the peer
+    ├── PeerError               talking to another process failed; .name says which
+    │   ├── PeerUnreachable     connect, read or write failed or timed out; __cause__ has why
+    │   ├── PeerRefused         the peer's uid is not allowed (SO_PEERCRED)
+    │   └── SnapshotSkipped     the experiment reached no safe point in time
+    └── DaemonError             the daemon answered a command with an error; .code
 
 Warnings (not errors): :class:`FallbackWarning` is issued when a load skipped a bad
 snapshot and used an older one, so callers can catch or escalate it.
@@ -30,15 +35,20 @@ from __future__ import annotations
 __all__ = [
     "CommitFailed",
     "ConfigError",
+    "DaemonError",
     "FallbackWarning",
     "InvalidName",
     "LocalProtocolError",
     "NoGoodSnapshot",
     "NoSnapshot",
+    "PeerError",
+    "PeerRefused",
+    "PeerUnreachable",
     "ProtocolError",
     "RemoteProtocolError",
     "RestoreMismatch",
     "SnapshotCorrupt",
+    "SnapshotSkipped",
     "SnapshotdError",
     "StateError",
     "StoreError",
@@ -162,6 +172,42 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids; the connection must be dropped."""
+
+
+class PeerError(SnapshotdError):
+    """Talking to another snapshotd process (an experiment, the daemon) failed.
+
+    Attributes:
+        name: the experiment's name, or ``"daemon"``.
+    """
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+
+
+class PeerUnreachable(PeerError):
+    """Connecting, reading or writing failed or timed out; ``__cause__`` says why."""
+
+
+class PeerRefused(PeerError):
+    """The process at the other end runs as a uid we do not accept."""
+
+
+class SnapshotSkipped(PeerError):
+    """The experiment did not reach a safe point (or free its lock) in time."""
+
+
+class DaemonError(SnapshotdError):
+    """The daemon could not carry out a command.
+
+    Attributes:
+        code: the exit code the command line uses for it.
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class FallbackWarning(UserWarning):

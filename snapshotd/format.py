@@ -132,6 +132,12 @@ class Layout:
             offset += array.nbytes
         return cls(tuple(tensors), offset)
 
+    def views(self, buffer: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
+        """Typed views of ``buffer`` (uint8, the data section) per tensor; no copy."""
+        return {
+            t.name: buffer[t.begin : t.end].view(t.dtype).reshape(t.shape) for t in self.tensors
+        }
+
     def matches(self, arrays: Mapping[str, np.ndarray[Any, Any]]) -> bool:
         """True when ``arrays`` has exactly these names, dtypes and shapes."""
         return len(arrays) == len(self.tensors) and all(

@@ -252,13 +252,10 @@ def _read_data(fd: int, header: Header, source: str) -> np.ndarray[Any, Any]:
 def _verified_views(
     data: np.ndarray[Any, Any], header: Header, source: str
 ) -> dict[str, np.ndarray[Any, Any]]:
-    arrays: dict[str, np.ndarray[Any, Any]] = {}
     for tensor in header.layout.tensors:
-        chunk = data[tensor.begin : tensor.end]
-        if digest(chunk) != header.digests[tensor.name]:
+        if digest(data[tensor.begin : tensor.end]) != header.digests[tensor.name]:
             raise SnapshotCorrupt(source, f"digest mismatch in tensor {tensor.name!r}")
-        arrays[tensor.name] = chunk.view(tensor.dtype).reshape(tensor.shape)
-    return arrays
+    return header.layout.views(data)
 
 
 def save(

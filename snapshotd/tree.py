@@ -22,7 +22,9 @@ JSON ``null``/``true``/``false``/integers/strings for the other scalars.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import functools
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -38,6 +40,7 @@ ALLOWED_KINDS = frozenset("biufc")
 #: Names a tensor may not take: safetensors reserves ``__metadata__``.
 _RESERVED = frozenset({"__metadata__"})
 _MAX_DEPTH = 256
+_NATIVE_LITTLE = sys.byteorder == "little"
 
 Structure = Any  # JSON-able: dict | list | str | int | bool | None
 
@@ -66,7 +69,7 @@ def flatten(state: object) -> Flat:
             names the path, e.g. ``state['opt'][2]: object of type set is not supported``.
     """
     flattener = _Flattener()
-    structure = flattener.node(state, "state", (), 0)
+    structure = flattener.node(state, (), 0)
     return Flat(arrays=flattener.arrays, structure=structure)
 
 
@@ -100,14 +103,28 @@ _UNFLATTENERS: dict[str, Any] = {
 
 
 class _Flattener:
-    """Walks one tree; collects arrays under unique names."""
+    """Walks one tree; collects arrays under unique names.
+
+    This walk is on the experiment's critical path (it runs inside ``run.step()``), so
+    the common cases are tested first by exact type and the human-readable path for an
+    error message is only built when there is an error.
+    """
 
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray[Any, Any]] = {}
 
-    def node(self, value: object, where: str, path: tuple[str, ...], depth: int) -> Structure:
-        if depth > _MAX_DEPTH:
-            raise StateError(where, f"nested deeper than {_MAX_DEPTH} levels")
+    def node(self, value: object, trail: tuple[Any, ...], depth: int) -> Structure:
+        kind = type(value)
+        if kind is np.ndarray:
+            return {"a": self.array(value, trail)}  # type: ignore[arg-type]
+        if kind is dict:
+            return {"d": self.items(value, trail, depth)}  # type: ignore[arg-type]
+        if kind is tuple or kind is list:
+            tag = "t" if kind is tuple else "l"
+            return {tag: self.sequence(value, trail, depth)}  # type: ignore[arg-type]
+        return self.other(value, trail, depth)
+
+    def other(self, value: object, trail: tuple[Any, ...], depth: int) -> Structure:
         # bool before int: bool is a subclass of int.
         if value is None or isinstance(value, bool | str):
             return value
@@ -116,51 +133,48 @@ class _Flattener:
         if isinstance(value, float):
             return {"f": repr(float(value))}
         if isinstance(value, np.ndarray):
-            return {"a": self.array(value, where, path)}
+            return {"a": self.array(value, trail)}
         if isinstance(value, np.generic):
-            return {"s": self.array(np.asarray(value), where, path)}
-        if isinstance(value, tuple | list):
-            return self.sequence(value, where, path, depth)
-        if isinstance(value, dict):
-            return {"d": list(self.items(value, where, path, depth))}
-        raise StateError(where, f"object of type {type(value).__name__} is not supported")
+            return {"s": self.array(np.asarray(value), trail)}
+        if isinstance(value, tuple | list | dict):
+            raise StateError(_where(trail), f"{type(value).__name__} (a subclass) is not supported")
+        raise StateError(_where(trail), f"object of type {type(value).__name__} is not supported")
 
     def sequence(
-        self, value: tuple[Any, ...] | list[Any], where: str, path: tuple[str, ...], depth: int
-    ) -> Structure:
-        tag = "t" if isinstance(value, tuple) else "l"
-        if type(value) not in (tuple, list):
-            raise StateError(
-                where, f"{type(value).__name__} (a subclass of {tag}) is not supported"
-            )
-        return {
-            tag: [
-                self.node(item, f"{where}[{i}]", (*path, str(i)), depth + 1)
-                for i, item in enumerate(value)
-            ]
-        }
+        self, value: tuple[Any, ...] | list[Any], trail: tuple[Any, ...], depth: int
+    ) -> list[Structure]:
+        if depth >= _MAX_DEPTH:
+            raise StateError(_where(trail), f"nested deeper than {_MAX_DEPTH} levels")
+        return [self.node(item, (*trail, i), depth + 1) for i, item in enumerate(value)]
 
-    def items(
-        self, value: dict[Any, Any], where: str, path: tuple[str, ...], depth: int
-    ) -> Iterator[list[Any]]:
+    def items(self, value: dict[Any, Any], trail: tuple[Any, ...], depth: int) -> list[list[Any]]:
+        if depth >= _MAX_DEPTH:
+            raise StateError(_where(trail), f"nested deeper than {_MAX_DEPTH} levels")
+        out = []
         for key, item in value.items():
-            if isinstance(key, bool) or not isinstance(key, str | int):
+            if type(key) is not str and (isinstance(key, bool) or not isinstance(key, str | int)):
                 raise StateError(
-                    f"{where}[{key!r}]", f"dict key of type {type(key).__name__} (use str or int)"
+                    _where((*trail, key)), f"dict key of type {type(key).__name__} (use str or int)"
                 )
-            child = self.node(item, f"{where}[{key!r}]", (*path, str(key)), depth + 1)
-            yield [key, child]
+            out.append([key, self.node(item, (*trail, key), depth + 1)])
+        return out
 
-    def array(self, value: np.ndarray[Any, Any], where: str, path: tuple[str, ...]) -> str:
-        if isinstance(value, np.ma.MaskedArray):
-            raise StateError(where, "masked arrays are not supported (store data and mask)")
-        check_dtype(value.dtype, where)
-        name = self.unique_name(path)
-        self.arrays[name] = _little_endian_contiguous(np.asarray(value))
+    def array(self, value: np.ndarray[Any, Any], trail: tuple[Any, ...]) -> str:
+        if type(value) is not np.ndarray:
+            if isinstance(value, np.ma.MaskedArray):
+                raise StateError(
+                    _where(trail), "masked arrays are not supported (store data and mask)"
+                )
+            value = np.asarray(value)
+        if value.dtype not in _CHECKED:
+            check_dtype(value.dtype, _where(trail))
+            _CHECKED.add(value.dtype)
+        name = self.unique_name(trail)
+        self.arrays[name] = _little_endian_contiguous(value)
         return name
 
-    def unique_name(self, path: tuple[str, ...]) -> str:
-        base = "/".join(quote(part, safe="") for part in path) or "state"
+    def unique_name(self, trail: tuple[Any, ...]) -> str:
+        base = "/".join([_component(part) for part in trail]) or "state"
         name, n = base, 1
         while name in self.arrays or name in _RESERVED:
             n += 1
@@ -168,9 +182,24 @@ class _Flattener:
         return name
 
 
+#: dtypes that passed :func:`check_dtype` (there are only a few dozen possible).
+_CHECKED: set[np.dtype[Any]] = set()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _component(part: object) -> str:
+    return quote(str(part), safe="")
+
+
+def _where(trail: tuple[Any, ...]) -> str:
+    """The path of a node as Python would index it: ``state['opt'][2]``."""
+    return "state" + "".join(f"[{part!r}]" for part in trail)
+
+
 def _little_endian_contiguous(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     # Conversions copy; a contiguous little-endian array passes through as a view.
-    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and np.little_endian is False):
+    order = array.dtype.byteorder
+    if order == ">" or (order == "=" and not _NATIVE_LITTLE):
         array = array.astype(array.dtype.newbyteorder("<"))
     # np.ascontiguousarray would turn a 0-d array into a 1-d one.
     return array if array.flags.c_contiguous else array.copy(order="C")

@@ -30,9 +30,15 @@ RANKS: dict[str, int] = {
     "target": 1,
     "format": 2,
     "config": 2,
+    "protocol": 2,
     # 3-4: I/O shells, one resource each
     "snapshot": 3,
+    "rendezvous": 3,
+    "arena": 3,
+    "channel": 3,
     "store": 4,
+    "transport": 4,
+    "client": 5,
     # 6: process wiring
     "cli": 6,
     "__init__": 7,
@@ -47,7 +53,7 @@ FOREIGN: dict[str, set[str]] = {
 ALWAYS_ALLOWED = {"numpy"}
 PURE_FORBIDDEN = {"socket", "fcntl", "subprocess", "time", "threading", "signal"}
 #: Modules that must stay pure (crashpoint is a process hook, so it is not among them).
-PURE = ["names", "tree", "retention", "target", "format", "config"]
+PURE = ["names", "tree", "retention", "target", "format", "config", "protocol"]
 CLOCK_READS = re.compile(r"\.(now|utcnow|today)\(|\btime\.(time|monotonic)\(")
 
 

@@ -1,0 +1,86 @@
+"""Shared-memory arenas: the memory a state is copied into and handed over by descriptor.
+
+An :class:`Arena` is a ``memfd`` mapped into this process. The experiment copies its
+arrays into it at the offsets of a :class:`~snapshotd.format.Layout` (the same offsets
+the snapshot file's data section uses, so the daemon can write it out in order) and
+passes the descriptor over its socket. The arena is **reused** while the layout stays
+the same: a fresh one per snapshot would pay the page faults of new memory again
+(about 1 GB/s instead of the ~12 GB/s of copying into memory already touched).
+
+:func:`map_readonly` is the receiving side: it maps a descriptor read-only after the
+caller has checked the layout against the descriptor's real size.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from snapshotd.format import Layout, Tensor
+from snapshotd.protocol import TensorEntry, TensorTable
+
+__all__ = ["Arena", "layout_of", "map_readonly", "table_of"]
+
+
+class Arena:
+    """A writable memfd of exactly ``size`` bytes, mapped into this process."""
+
+    def __init__(self, size: int, label: str) -> None:
+        self.size = size
+        self.fd = os.memfd_create(f"snapshotd-{label}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            # mmap cannot map zero bytes; an empty state still needs a valid descriptor.
+            self._map = mmap.mmap(self.fd, max(size, 1), mmap.MAP_SHARED)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.bytes = np.frombuffer(self._map, dtype=np.uint8, count=size)
+
+    def fill(self, layout: Layout, arrays: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        """Copy every array to its place in the layout (arrays are C-contiguous)."""
+        view = memoryview(self._map)
+        try:
+            for tensor in layout.tensors:
+                source = arrays[tensor.name]
+                if tensor.nbytes:
+                    view[tensor.begin : tensor.end] = source.data.cast("B")
+        finally:
+            view.release()
+
+    def arrays(self, layout: Layout) -> dict[str, np.ndarray[Any, Any]]:
+        """Views of the arena's contents, one per tensor of ``layout`` (no copy)."""
+        return layout.views(self.bytes)
+
+    def close(self) -> None:
+        del self.bytes
+        try:
+            self._map.close()
+        finally:
+            os.close(self.fd)
+
+
+def table_of(layout: Layout) -> TensorTable:
+    """The wire description of a layout."""
+    entries = tuple(
+        TensorEntry(t.name, t.dtype.name, t.shape, t.begin, t.end) for t in layout.tensors
+    )
+    return TensorTable(entries, layout.data_size)
+
+
+def layout_of(table: TensorTable) -> Layout:
+    """The layout a (validated) wire table describes."""
+    tensors = tuple(
+        Tensor(e.name, np.dtype(e.dtype).newbyteorder("<"), e.shape, e.begin, e.end)
+        for e in table.entries
+    )
+    return Layout(tensors, table.size)
+
+
+def map_readonly(fd: int, size: int) -> mmap.mmap:
+    """Map ``size`` bytes of ``fd`` read-only and shared (no copy is made)."""
+    return mmap.mmap(fd, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ)

@@ -1,0 +1,639 @@
+"""The experiment side: register a run, serve the daemon's requests, resume from a snapshot.
+
+``register(name, target)`` listens on ``<runtime_dir>/experiments/<name>.sock`` and
+returns a :class:`Run`. One background thread waits on that socket (blocked in
+``select``: it costs nothing while idle and never competes with training). When the
+daemon asks for a snapshot, the state is copied **once** into a reused shared-memory
+arena and its descriptor is handed over; hashing, writing, fsync and pruning happen in
+the daemon's process.
+
+Consistency: a snapshot never mixes two steps.
+
+- **safe point**: once the program calls ``run.step(n)``, a request waits for the next
+  ``run.step`` and is served inside it, on the training thread, recording ``n``;
+- **lock**: once the program uses ``with run.lock():`` around code that mutates the
+  state, a request waits until the lock is free and copies under it;
+- **neither**: the state is copied when the request arrives and the snapshot is marked
+  as taken without a safe point.
+
+If no safe point (or free lock) comes within the daemon's timeout, the request is
+abandoned on both sides: the client answers ``skipped`` and a late ``run.step`` does not
+serve it. The arena is not touched again until the daemon says it is done with it.
+
+Pushing a snapshot into a running experiment (``snapshotd restore NAME``) is applied the
+same way: at the next safe point, under the lock, or at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snapshotd import rendezvous
+from snapshotd.arena import Arena, layout_of, map_readonly, table_of
+from snapshotd.channel import Channel, connect
+from snapshotd.errors import (
+    PeerError,
+    ProtocolError,
+    RemoteProtocolError,
+    SnapshotdError,
+    StateError,
+    UsageError,
+)
+from snapshotd.format import Layout
+from snapshotd.names import check_name
+from snapshotd.protocol import (
+    Command,
+    Done,
+    Hello,
+    Message,
+    Push,
+    PushDone,
+    Reply,
+    Skipped,
+    SnapshotRequest,
+    StateReady,
+    TensorTable,
+    check_arena,
+)
+from snapshotd.store import Store
+from snapshotd.target import Target, adapt
+from snapshotd.tree import flatten, unflatten
+
+__all__ = ["Resumed", "Run", "register"]
+
+log = logging.getLogger("snapshotd.client")
+
+#: How long one message may take to arrive once it has started, or to be sent.
+IO_TIMEOUT = 5.0
+_MODES = ("auto", "step", "lock", "none")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a resumed run came back from."""
+
+    version: int
+    step: int | None
+
+
+@dataclass
+class _Pending:
+    """A request waiting for a safe point (or a push waiting to be applied)."""
+
+    id: int
+    deadline: float
+    push: Any = None  # the state tree of a Push
+
+
+def register(
+    name: str,
+    target: object = None,
+    *,
+    get: Callable[[], Any] | None = None,
+    set: Callable[[Any], None] | None = None,
+    rename: Mapping[Any, Any] | None = None,
+    resume: bool | int = False,
+    runtime_dir: str | os.PathLike[str] | None = None,
+    store: str | os.PathLike[str] | None = None,
+    consistency: str = "auto",
+    allowed_uids: frozenset[int] | None = None,
+) -> Run:
+    """Register the experiment ``name`` so the daemon can snapshot ``target``.
+
+    Args:
+        name: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``; one live registration per name.
+        target: an object with ``__getstate__``/``__setstate__``, a dict of named arrays
+            (restored in place where shapes match), or ``None`` with ``get=``/``set=``.
+        rename: for dict targets, stored name -> current name when resuming.
+        resume: ``True`` for the newest good snapshot, or a version number; the
+            environment variable ``SNAPSHOTD_RESUME`` (``latest`` or a number) does the
+            same. The state is loaded into the target before this returns.
+        runtime_dir: where experiments and the daemon meet (see ``rendezvous``).
+        store: the store to resume from when no daemon is running (else
+            ``SNAPSHOTD_STORE``).
+        consistency: ``auto`` (safe point once ``run.step`` is used, else the lock once
+            ``run.lock`` is used, else copy at once), or force ``step``, ``lock``, ``none``.
+        allowed_uids: uids that may connect (default: ours and root).
+
+    Raises:
+        InvalidName: a bad name.
+        UsageError: the name is registered by a live process, or a bad argument.
+        StateError: the state holds something that cannot be stored (path named).
+        NoSnapshot: a specific version was asked to resume from and does not exist.
+    """
+    check_name(name)
+    if consistency not in _MODES:
+        raise UsageError(f"consistency must be one of {', '.join(_MODES)}")
+    adapted = adapt(target, get=get, set=set, rename=rename)
+    flatten(adapted.get_state())  # refuse unstorable state now, not at the first snapshot
+    runtime = rendezvous.runtime_dir(runtime_dir, os.environ)
+    claim = _claim_name(runtime, name)
+    try:
+        resumed = _resume(name, adapted, resume, runtime, store)
+        listener = rendezvous.bind_private(rendezvous.experiment_socket(runtime, name))
+    except BaseException:
+        os.close(claim)
+        raise
+    return Run(name, adapted, listener, claim, runtime, resumed, consistency, allowed_uids)
+
+
+def _claim_name(runtime: Path, name: str) -> int:
+    """Hold ``<name>.lock`` for the life of the registration; clear a stale socket."""
+    folder = rendezvous.experiments_dir(runtime)
+    rendezvous.ensure_private_dir(runtime)
+    rendezvous.ensure_private_dir(folder)
+    lock_path = rendezvous.experiment_lock(runtime, name)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UsageError(
+            f"experiment {name!r} is already registered (pid {holder}); "
+            "close that run first or use another name"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _reclaim_stale_socket(rendezvous.experiment_socket(runtime, name), name, fd)
+    return fd
+
+
+def _reclaim_stale_socket(path: Path, name: str, claim: int) -> None:
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(os.fspath(path))
+    except ConnectionRefusedError:
+        path.unlink()  # stale: its process died without cleaning up
+        return
+    except OSError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    os.close(claim)
+    raise UsageError(f"experiment {name!r} has a live socket at {path}; it is still running")
+
+
+# -- resume --------------------------------------------------------------------------
+
+
+def _resume(
+    name: str, target: Target, resume: bool | int, runtime: Path, store: Any
+) -> Resumed | None:
+    wanted = _resume_wish(resume, os.environ.get("SNAPSHOTD_RESUME", ""))
+    if wanted is None:
+        return None
+    found = _find_store(runtime, store)
+    if not any(v.problem is None for v in found.versions(name)) and wanted == "latest":
+        log.info("%s: nothing to resume from in %s", name, found.root)
+        return None
+    loaded = found.read(name, None if wanted == "latest" else int(wanted))
+    target.set_state(loaded.tree())
+    meta = loaded.header.meta
+    log.info("%s: resumed from version %d (step %s)", name, meta.version, meta.step)
+    return Resumed(meta.version, meta.step)
+
+
+def _resume_wish(resume: bool | int, environ_value: str) -> str | int | None:
+    if resume is True:
+        return "latest"
+    if isinstance(resume, int) and resume is not False and resume > 0:
+        return resume
+    text = environ_value.strip()
+    if not text:
+        return None
+    if text == "latest" or text.isdigit():
+        return text
+    raise UsageError(f"SNAPSHOTD_RESUME must be 'latest' or a version number, not {text!r}")
+
+
+def _find_store(runtime: Path, store: Any) -> Store:
+    path = _store_from_daemon(runtime)
+    path = path or store or os.environ.get("SNAPSHOTD_STORE")
+    if not path:
+        raise UsageError(
+            "resume needs a store: start the daemon, pass store=..., or set SNAPSHOTD_STORE"
+        )
+    return Store(path)
+
+
+def _store_from_daemon(runtime: Path) -> str | None:
+    control = rendezvous.control_socket(runtime)
+    if not control.exists():
+        return None
+    try:
+        channel = connect(control, "daemon", IO_TIMEOUT)
+    except PeerError:
+        return None
+    try:
+        channel.send(Hello("experiment", "resume", os.getpid()))
+        channel.send(Command(1, "store"))
+        reply = _first_reply(channel)
+    except (PeerError, ProtocolError) as exc:
+        log.warning("could not ask the daemon for its store: %s", exc)
+        return None
+    finally:
+        channel.close()
+    return str(reply.result) if reply is not None and reply.ok else None
+
+
+def _first_reply(channel: Channel) -> Reply | None:
+    for _ in range(4):
+        message, _fd = channel.receive(IO_TIMEOUT)
+        if isinstance(message, Reply):
+            return message
+    return None
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+class Run:
+    """A registered experiment. Use ``run.step(n)`` as a safe point and ``close()`` it.
+
+    Attributes:
+        name: the experiment's name.
+        resumed: the version and step it resumed from, or ``None``.
+        last_version: the newest version the daemon committed from this run, or ``None``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        target: Target,
+        listener: socket.socket,
+        claim: int,
+        runtime: Path,
+        resumed: Resumed | None,
+        consistency: str,
+        allowed_uids: frozenset[int] | None,
+    ) -> None:
+        self.name = name
+        self.resumed = resumed
+        self.last_version: int | None = None
+        self._target = target
+        self._runtime = runtime
+        self._mode = consistency
+        self._allowed = allowed_uids or rendezvous.default_allowed_uids()
+        self._mutex = threading.RLock()
+        self._guard = threading.Lock()  # protects the fields below
+        self._pending: _Pending | None = None
+        self._push: _Pending | None = None
+        self._busy: int | None = None  # request id whose arena the daemon still reads
+        self._used_step = False
+        self._used_lock = False
+        self._capture = _Capture(name)
+        self._service = _Service(self, listener, claim)
+        self._service.start()
+        weakref.finalize(self, _Service.stop, self._service)
+
+    # -- the experiment's API ----------------------------------------------------------
+
+    def step(self, n: int) -> None:
+        """A safe point: the state is consistent here. Serves a pending request, if any.
+
+        Cheap when nothing is pending (two attribute reads).
+        """
+        self._used_step = True
+        if self._pending is not None:
+            self._serve_pending(n)
+        if self._push is not None:
+            self._apply_push()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold this around code that mutates the state; a snapshot waits for it."""
+        self._used_lock = True
+        with self._mutex:
+            yield
+        if self._push is not None and self.mode() == "lock":
+            self._apply_push()
+
+    def close(self) -> None:
+        """Stop serving, remove the socket and free the name. Idempotent."""
+        self._service.stop()
+        self._capture.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Run {self.name!r} mode={self.mode()} last_version={self.last_version}>"
+
+    def mode(self) -> str:
+        """How requests are served now: ``step``, ``lock`` or ``none``."""
+        if self._mode != "auto":
+            return self._mode
+        if self._used_step:
+            return "step"
+        return "lock" if self._used_lock else "none"
+
+    # -- serving (called from the service thread or at a safe point) -------------------
+
+    def _serve_pending(self, step: int | None) -> None:
+        with self._guard:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if time.monotonic() > pending.deadline:
+            self._service.send(Skipped(pending.id, "no safe point (run.step) came in time"))
+            return
+        self._send_state(pending.id, step, safe_point=True)
+
+    def _send_state(self, request: int, step: int | None, safe_point: bool) -> None:
+        try:
+            message, fd = self._capture.take(self._target, request, step, safe_point)
+        except (StateError, OSError) as exc:
+            log.error("%s: cannot snapshot the state: %s", self.name, exc)
+            self._service.send(Skipped(request, f"cannot copy the state: {exc}"))
+            return
+        self._busy = request
+        if not self._service.send(message, fd):
+            self._busy = None
+
+    def _on_request(self, request: SnapshotRequest) -> None:
+        if self._busy is not None:
+            self._service.send(Skipped(request.id, "the previous snapshot is still in flight"))
+            return
+        mode = self.mode()
+        if mode == "none":
+            self._send_state(request.id, None, safe_point=False)
+        elif mode == "lock":
+            self._serve_under_lock(request)
+        else:
+            with self._guard:
+                self._pending = _Pending(request.id, time.monotonic() + request.timeout)
+
+    def _serve_under_lock(self, request: SnapshotRequest) -> None:
+        if not self._mutex.acquire(timeout=request.timeout):
+            self._service.send(Skipped(request.id, "the state lock was not free in time"))
+            return
+        try:
+            self._send_state(request.id, None, safe_point=True)
+        finally:
+            self._mutex.release()
+
+    def _expire(self, now: float) -> float | None:
+        """Abandon requests and pushes past their deadline; return the next deadline."""
+        with self._guard:
+            pending, push = self._pending, self._push
+            if pending is not None and now > pending.deadline:
+                self._pending = None
+            if push is not None and now > push.deadline:
+                self._push = None
+        if pending is not None and now > pending.deadline:
+            self._service.send(Skipped(pending.id, "no safe point (run.step) came in time"))
+        if push is not None and now > push.deadline:
+            self._service.send(PushDone(push.id, "no safe point came in time; not applied"))
+        deadlines = [p.deadline for p in (pending, push) if p is not None and now <= p.deadline]
+        return min(deadlines, default=None)
+
+    def _on_done(self, done: Done) -> None:
+        if done.id == self._busy:
+            self._busy = None
+        if done.version is not None:
+            self.last_version = done.version
+        elif done.error:
+            log.warning(
+                "%s: the daemon could not commit snapshot %d: %s", self.name, done.id, done.error
+            )
+
+    def _on_disconnect(self) -> None:
+        self._busy = None  # a daemon that is gone no longer reads the arena
+        with self._guard:
+            self._pending = None
+
+    def _on_push(self, push: Push, fd: int) -> None:
+        try:
+            tree = _read_push(push, fd)
+        finally:
+            os.close(fd)
+        with self._guard:
+            self._push = _Pending(push.id, time.monotonic() + push.timeout, tree)
+        mode = self.mode()
+        if mode == "none":
+            self._apply_push()
+        elif mode == "lock" and self._mutex.acquire(timeout=IO_TIMEOUT):
+            try:
+                self._apply_push()
+            finally:
+                self._mutex.release()
+
+    def _apply_push(self) -> None:
+        with self._guard:
+            push, self._push = self._push, None
+        if push is None:
+            return
+        if time.monotonic() > push.deadline:
+            self._service.send(PushDone(push.id, "no safe point came in time; not applied"))
+            return
+        try:
+            self._target.set_state(push.push)
+        except SnapshotdError as exc:
+            self._service.send(PushDone(push.id, str(exc)))
+            return
+        log.info("%s: restored a pushed snapshot", self.name)
+        self._service.send(PushDone(push.id))
+
+
+def _read_push(push: Push, fd: int) -> Any:
+    check_arena(push.table, os.fstat(fd).st_size)
+    layout = layout_of(push.table)
+    mapped = map_readonly(fd, push.table.size)
+    try:
+        data = np.frombuffer(mapped, dtype=np.uint8, count=push.table.size)
+        arrays = {name: array.copy() for name, array in layout.views(data).items()}
+        del data
+    finally:
+        mapped.close()
+    return unflatten(push.structure, arrays)
+
+
+class _Capture:
+    """Copies the state into the reused arena; the layout is recomputed only on change."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.layout: Layout | None = None
+        self.table: TensorTable | None = None
+        self.arena: Arena | None = None
+
+    def take(
+        self, target: Target, request: int, step: int | None, safe_point: bool
+    ) -> tuple[StateReady, int]:
+        flat = flatten(target.get_state())
+        if self.layout is None or not self.layout.matches(flat.arrays):
+            self._relayout(Layout.plan(flat.arrays))
+        assert self.arena is not None
+        assert self.layout is not None
+        assert self.table is not None
+        self.arena.fill(self.layout, flat.arrays)
+        return StateReady(request, step, safe_point, flat.structure, self.table), self.arena.fd
+
+    def _relayout(self, layout: Layout) -> None:
+        self.close()
+        self.arena = Arena(layout.data_size, self.name)
+        self.layout = layout
+        self.table = table_of(layout)
+
+    def close(self) -> None:
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+            self.layout = None
+
+
+class _Service:
+    """The one background thread: accepts the daemon, reads its messages, expires requests."""
+
+    def __init__(self, run: Run, listener: socket.socket, claim: int) -> None:
+        self._run = weakref.ref(run)
+        self.name = run.name
+        self._allowed = run._allowed
+        self._socket_path = rendezvous.experiment_socket(run._runtime, run.name)
+        self._listener = listener
+        self._claim = claim
+        self._channel: Channel | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"snapshotd-{run.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, message: Message, fd: int | None = None) -> bool:
+        """Send to the connected daemon; False (and logged) if there is none or it failed."""
+        channel = self._channel
+        if channel is None:
+            return False
+        try:
+            channel.send(message, fd, timeout=IO_TIMEOUT)
+        except (PeerError, ProtocolError) as exc:
+            log.warning("%s: lost the daemon while sending %s: %s", self.name, message.TYPE, exc)
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if threading.current_thread() is not self._thread:
+            self._stopped.wait(timeout=2 * IO_TIMEOUT)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        with contextlib.suppress(OSError):
+            if self._socket_path.exists():
+                self._socket_path.unlink()
+        for closer in (self._listener.close, self._drop):
+            with contextlib.suppress(OSError):
+                closer()
+        for fd in (self._wake_r, self._wake_w, self._claim):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _loop(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ, "accept")
+        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopping:
+                self._turn(selector)
+        except Exception:  # a bug here must not kill training; it must be seen
+            log.exception("%s: the snapshot service stopped", self.name)
+        finally:
+            selector.close()
+            self._stopped.set()
+
+    def _turn(self, selector: selectors.BaseSelector) -> None:
+        run = self._run()
+        if run is None:
+            self._stopping = True
+            return
+        deadline = run._expire(time.monotonic())
+        del run
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        for key, _events in selector.select(timeout):
+            if key.data == "accept":
+                self._accept(selector)
+            elif key.data == "message":
+                self._read(selector)
+
+    def _accept(self, selector: selectors.BaseSelector) -> None:
+        sock, _addr = self._listener.accept()
+        sock.setblocking(True)
+        try:
+            rendezvous.check_peer(sock, self._allowed, self.name)
+        except PeerError as exc:
+            log.warning("%s: refused a connection: %s", self.name, exc)
+            sock.close()
+            return
+        if self._channel is not None:  # a restarted daemon replaces the old connection
+            self._drop(selector)
+        self._channel = Channel(sock, "daemon")
+        selector.register(self._channel.sock, selectors.EVENT_READ, "message")
+
+    def _read(self, selector: selectors.BaseSelector) -> None:
+        channel = self._channel
+        assert channel is not None
+        try:
+            received: tuple[Message, int | None] | None = channel.receive(IO_TIMEOUT)
+            while received is not None:
+                self._dispatch(*received)
+                received = channel.buffered() if self._channel is channel else None
+        except (PeerError, RemoteProtocolError) as exc:
+            level = logging.INFO if isinstance(exc, PeerError) else logging.WARNING
+            log.log(level, "%s: dropped the daemon connection: %s", self.name, exc)
+            self._drop(selector)
+
+    def _dispatch(self, message: Message, fd: int | None) -> None:
+        run = self._run()
+        if run is None:
+            return
+        if isinstance(message, Hello):
+            self.send(Hello("experiment", self.name, os.getpid()))
+        elif isinstance(message, SnapshotRequest):
+            run._on_request(message)
+        elif isinstance(message, Done):
+            run._on_done(message)
+        elif isinstance(message, Push) and fd is not None:
+            run._on_push(message, fd)
+        else:
+            raise RemoteProtocolError(f"unexpected {message.TYPE} message from the daemon")
+
+    def _drop(self, selector: selectors.BaseSelector | None = None) -> None:
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return
+        if selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                selector.unregister(channel.sock)
+        channel.close()
+        run = self._run()
+        if run is not None:
+            run._on_disconnect()

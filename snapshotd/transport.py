@@ -1,0 +1,239 @@
+"""The daemon's side of one experiment's socket: ask for state, map it, push state back.
+
+:class:`Experiment` connects to ``<runtime_dir>/experiments/<name>.sock``, checks that the
+process behind it runs as an allowed uid (``SO_PEERCRED``), and speaks the protocol with
+a deadline on every wait, so a hung or garbage-sending experiment costs the daemon at
+most its timeout and never more than its own connection.
+
+A :class:`Capture` is the state an experiment handed over: a read-only mapping of its
+shared memory, checked against the descriptor's real size before it is mapped. The daemon
+writes the snapshot straight from that mapping (no private copy of the state), then calls
+:meth:`Experiment.done` so the experiment may reuse its arena.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import mmap
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from snapshotd import rendezvous
+from snapshotd.arena import Arena, layout_of, map_readonly, table_of
+from snapshotd.channel import Channel, connect
+from snapshotd.errors import PeerError, RemoteProtocolError, SnapshotSkipped
+from snapshotd.format import Layout
+from snapshotd.protocol import (
+    Done,
+    Hello,
+    Message,
+    Push,
+    PushDone,
+    Skipped,
+    SnapshotRequest,
+    StateReady,
+    check_arena,
+)
+from snapshotd.snapshot import Loaded
+from snapshotd.tree import Flat
+
+__all__ = ["Capture", "Experiment", "StagingBudgetExceeded"]
+
+_M = TypeVar("_M", bound=Message)
+
+
+class StagingBudgetExceeded(PeerError):
+    """The state is larger than the daemon may stage at once; the snapshot is skipped."""
+
+
+@dataclass
+class Capture:
+    """State handed over by an experiment, mapped read-only. Release it when done."""
+
+    id: int
+    step: int | None
+    safe_point: bool
+    structure: Any
+    layout: Layout
+    _fd: int
+    _map: mmap.mmap | None
+    _data: np.ndarray[Any, Any] | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.data_size
+
+    def flat(self) -> Flat:
+        """The state as named arrays: read-only views of the shared memory (no copy)."""
+        if self._data is None:
+            assert self._map is not None
+            self._data = np.frombuffer(self._map, dtype=np.uint8, count=self.layout.data_size)
+        return Flat(self.layout.views(self._data), self.structure)
+
+    def release(self) -> None:
+        """Unmap and close the descriptor. Views from :meth:`flat` must be dropped first."""
+        self._data = None
+        if self._map is not None:
+            # A caller may still hold a view; the garbage collector unmaps it later.
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Experiment:
+    """The daemon's connection to one registered experiment."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        *,
+        allowed_uids: Iterable[int] | None = None,
+        io_timeout: float = 5.0,
+        staging_budget: int | None = None,
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.pid: int | None = None
+        self._allowed = frozenset(allowed_uids or rendezvous.default_allowed_uids())
+        self._io_timeout = io_timeout
+        self._budget = staging_budget
+        self._channel: Channel | None = None
+        self._ids = itertools.count(1)
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None
+
+    def connect(self) -> None:
+        """Connect, check the peer's uid and exchange hellos.
+
+        Raises:
+            PeerUnreachable: nobody listens (a stale socket) or the handshake timed out.
+            PeerRefused: the experiment runs as a uid that is not allowed.
+            RemoteProtocolError: the peer does not speak the protocol.
+        """
+        channel = connect(self.path, self.name, self._io_timeout)
+        try:
+            peer = rendezvous.check_peer(channel.sock, self._allowed, self.name)
+            channel.send(Hello("daemon", self.name, os.getpid()), timeout=self._io_timeout)
+            hello = self._expect(channel, Hello, self._io_timeout)
+            if hello.role != "experiment" or hello.name != self.name:
+                raise RemoteProtocolError(f"expected experiment {self.name!r}, met {hello!r}")
+        except BaseException:
+            channel.close()
+            raise
+        self.pid = peer.pid
+        self._channel = channel
+
+    def snapshot(self, timeout: float) -> Capture:
+        """Ask for the state; wait up to ``timeout`` for a safe point.
+
+        Raises:
+            SnapshotSkipped: the experiment reached no safe point in time (it said so, or
+                it stayed silent: then the connection is dropped).
+            StagingBudgetExceeded: the state is larger than the staging budget.
+            PeerUnreachable, RemoteProtocolError: the connection failed; it is closed.
+        """
+        channel = self._require()
+        request = SnapshotRequest(next(self._ids), timeout)
+        try:
+            channel.send(request, timeout=self._io_timeout)
+            message, fd = channel.receive(timeout + self._io_timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self._captured(request, message, fd)
+
+    def _captured(self, request: SnapshotRequest, message: Message, fd: int | None) -> Capture:
+        if isinstance(message, Skipped) and message.id == request.id:
+            raise SnapshotSkipped(self.name, message.reason)
+        if not isinstance(message, StateReady) or message.id != request.id or fd is None:
+            if fd is not None:
+                os.close(fd)
+            self.close()
+            raise RemoteProtocolError(
+                f"expected state for request {request.id}, got {message!r:.80}"
+            )
+        return self._map_state(message, fd)
+
+    def _map_state(self, state: StateReady, fd: int) -> Capture:
+        try:
+            check_arena(state.table, os.fstat(fd).st_size)
+            if self._budget is not None and state.table.size > self._budget:
+                raise StagingBudgetExceeded(
+                    self.name,
+                    f"state of {state.table.size} bytes exceeds the staging budget "
+                    f"of {self._budget} bytes",
+                )
+            mapped = map_readonly(fd, state.table.size)
+        except BaseException:
+            os.close(fd)
+            self.done(state.id, error="refused by the daemon")
+            raise
+        layout = layout_of(state.table)
+        return Capture(state.id, state.step, state.safe_point, state.structure, layout, fd, mapped)
+
+    def done(self, request: int, version: int | None = None, error: str | None = None) -> None:
+        """Tell the experiment its arena is free again (and what became of the snapshot)."""
+        if self._channel is None:
+            return
+        try:
+            self._channel.send(Done(request, version, error), timeout=self._io_timeout)
+        except PeerError:
+            self.close()
+
+    def push(self, loaded: Loaded, timeout: float) -> None:
+        """Send a verified snapshot to be restored at the experiment's next safe point.
+
+        Raises:
+            SnapshotSkipped: the experiment did not apply it within ``timeout``, or
+                refused it (the reason is in the message).
+            PeerUnreachable, RemoteProtocolError: the connection failed; it is closed.
+        """
+        channel = self._require()
+        layout = Layout.plan(loaded.arrays)
+        arena = Arena(layout.data_size, f"push-{self.name}")
+        try:
+            arena.fill(layout, loaded.arrays)
+            meta = loaded.header.meta
+            push = Push(
+                next(self._ids), meta.version, meta.step, meta.structure, table_of(layout), timeout
+            )
+            channel.send(push, arena.fd, timeout=self._io_timeout)
+            reply = self._expect(channel, PushDone, timeout)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            arena.close()
+        if reply.error is not None:
+            raise SnapshotSkipped(self.name, f"the experiment refused the state: {reply.error}")
+
+    def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    def _require(self) -> Channel:
+        if self._channel is None:
+            self.connect()
+        assert self._channel is not None
+        return self._channel
+
+    def _expect(self, channel: Channel, kind: type[_M], timeout: float) -> _M:
+        message, fd = channel.receive(timeout)
+        if fd is not None:
+            os.close(fd)
+        if not isinstance(message, kind):
+            raise RemoteProtocolError(f"expected {kind.TYPE}, got {message.TYPE}")
+        return message
