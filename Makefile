@@ -20,8 +20,8 @@ run: setup
 	$(BIN)/snapshotd start --config $(CONFIG)
 
 lint: setup
-	$(BIN)/ruff check snapshotd tests benchmarks
-	$(BIN)/ruff format --check snapshotd tests benchmarks
+	$(BIN)/ruff check snapshotd tests benchmarks examples
+	$(BIN)/ruff format --check snapshotd tests benchmarks examples
 
 typecheck: setup
 	$(BIN)/mypy

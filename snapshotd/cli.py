@@ -8,7 +8,12 @@ Exit codes are part of the interface (docs/CLI.md):
 2     usage or configuration error (nothing was done)
 3     no snapshot (or no good snapshot) to act on
 4     the store failed: an I/O error, a lock, a file we cannot read
+5     no daemon is running (``status``, ``snapshot``, ``restore NAME``); for
+      ``start``: it stopped after repeated I/O failures (systemd restarts it)
+6     the experiment is not registered, did not answer, or skipped the snapshot
 ====  ==========================================================================
+
+``restore NAME -- CMD ARGS...`` exits with CMD's own exit code.
 
 User errors print one line to stderr starting with ``snapshotd:`` and never a
 traceback. ``--json`` on the read commands prints one JSON document to stdout.
@@ -17,7 +22,9 @@ traceback. ``--json`` on the read commands prints one JSON document to stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import sys
 import warnings
@@ -26,7 +33,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from snapshotd import config as configuration
-from snapshotd.errors import ConfigError, NoSnapshot, SnapshotdError, UsageError
+from snapshotd import control, rendezvous
+from snapshotd.errors import (
+    ConfigError,
+    DaemonError,
+    NoSnapshot,
+    PeerError,
+    PeerUnreachable,
+    SnapshotdError,
+    UsageError,
+)
 from snapshotd.store import Check, Store, Version
 
 __all__ = ["main"]
@@ -36,6 +52,8 @@ EXIT_BAD_SNAPSHOT = 1
 EXIT_USAGE = 2
 EXIT_NO_SNAPSHOT = 3
 EXIT_STORE = 4
+EXIT_NO_DAEMON = 5
+EXIT_EXPERIMENT = 6
 
 Handler = Callable[[argparse.Namespace, TextIO], int]
 
@@ -62,10 +80,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
 
 def _exit_code(exc: SnapshotdError) -> int:
+    if isinstance(exc, DaemonError):
+        return exc.code
     if isinstance(exc, ConfigError | UsageError):
         return EXIT_USAGE
     if isinstance(exc, NoSnapshot):
         return EXIT_NO_SNAPSHOT
+    if isinstance(exc, PeerUnreachable) and exc.name == "daemon":
+        return EXIT_NO_DAEMON
+    if isinstance(exc, PeerError):
+        return EXIT_EXPERIMENT
     return EXIT_STORE
 
 
@@ -96,9 +120,55 @@ def _parser() -> argparse.ArgumentParser:
         description="Periodic, versioned, crash-safe snapshots of running experiments.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_list, _add_verify, _add_prune, _add_export):
+    for add in (
+        _add_start,
+        _add_status,
+        _add_list,
+        _add_snapshot,
+        _add_restore,
+        _add_verify,
+        _add_prune,
+        _add_export,
+    ):
         add(commands, common)
     return parser
+
+
+def _add_start(commands: Any, common: argparse.ArgumentParser) -> None:
+    _command(commands, common, "start", "run the daemon in the foreground", _start)
+
+
+def _add_status(commands: Any, common: argparse.ArgumentParser) -> None:
+    sub = _command(
+        commands,
+        common,
+        "status",
+        "is the daemon up; experiments, last/next snapshot",
+        _status,
+    )
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_snapshot(commands: Any, common: argparse.ArgumentParser) -> None:
+    sub = _command(
+        commands, common, "snapshot", "take one snapshot now; print its version", _snapshot
+    )
+    sub.add_argument("name", help="experiment")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_restore(commands: Any, common: argparse.ArgumentParser) -> None:
+    sub = _command(
+        commands,
+        common,
+        "restore",
+        "push the newest good (or given) snapshot into the running experiment NAME, "
+        "or with -- CMD ARGS... start CMD so that its register() resumes from it",
+        _restore,
+    )
+    sub.add_argument("name", help="experiment")
+    sub.add_argument("--version", type=int, help="version (default: the newest good one)")
+    sub.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
 
 def _command(
@@ -170,7 +240,143 @@ def _names(store: Store, name: str | None) -> list[str]:
     return [name] if name else store.names()
 
 
+def _runtime(args: argparse.Namespace) -> tuple[configuration.Config | None, Path]:
+    """The config (if one can be read) and the runtime directory the daemon uses."""
+    path = args.config or configuration.default_path(os.environ)
+    loaded = configuration.load(path) if args.config or path.exists() else None
+    explicit = loaded.runtime_dir if loaded else None
+    return loaded, rendezvous.runtime_dir(explicit, os.environ)
+
+
+def _call(args: argparse.Namespace, verb: str, payload: dict[str, Any], timeout: float) -> Any:
+    _loaded, runtime = _runtime(args)
+    try:
+        return control.call(runtime, verb, payload, timeout=timeout)
+    except PeerUnreachable as exc:
+        raise DaemonError(
+            f"no daemon is running for {runtime} ({exc}); start it with: snapshotd start",
+            code=EXIT_NO_DAEMON,
+        ) from exc
+
+
 # -- commands ------------------------------------------------------------------------
+
+
+def _start(args: argparse.Namespace, out: TextIO) -> int:
+    loaded = _load_config(args)
+    if args.store is not None:
+        loaded = dataclasses.replace(loaded, store=args.store)
+    _configure_logging(loaded.daemon.log_level)
+    from snapshotd.daemon import Daemon  # APScheduler and watchdog load only here
+
+    daemon = Daemon(loaded, dict(os.environ))
+    code = daemon.run()
+    if daemon.abandoned:
+        # A worker thread is still inside a commit we gave up on: do not wait for it.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def _configure_logging(level: str) -> None:
+    # Under systemd, journald adds the time; on a terminal we add it ourselves.
+    timed = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format=timed + "%(levelname)s %(name)s: %(message)s",
+    )
+    # APScheduler logs every job run at INFO: our own lines say what happened.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _status(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        status = _call(args, "status", {}, timeout=10.0)
+    except DaemonError as exc:
+        if exc.code != EXIT_NO_DAEMON:
+            raise
+        if args.json:
+            _print_json(out, {"running": False})
+        else:
+            print(f"daemon: not running ({exc})", file=out)
+        return EXIT_NO_DAEMON
+    if args.json:
+        _print_json(out, {"running": True, **status})
+        return EXIT_OK
+    print(f"daemon: running (pid {status['pid']}, since {status['started']})", file=out)
+    print(f"store: {status['store']}  runtime: {status['runtime_dir']}", file=out)
+    rows = [
+        [
+            e["name"],
+            str(e["pid"] or "-"),
+            e["schedule"],
+            _step(e["last_version"]),
+            e["last_snapshot"] or "-",
+            e["next_snapshot"] or "-",
+            str(e["failures"]),
+            str(e["skips"]),
+            e["last_error"] or "",
+        ]
+        for e in status["experiments"]
+    ]
+    _print_table(
+        out,
+        [
+            "NAME",
+            "PID",
+            "SCHEDULE",
+            "LAST",
+            "LAST AT (UTC)",
+            "NEXT AT (UTC)",
+            "FAILED",
+            "SKIPPED",
+            "LAST ERROR",
+        ],
+        rows,
+    )
+    return EXIT_OK
+
+
+def _snapshot(args: argparse.Namespace, out: TextIO) -> int:
+    loaded, _runtime_dir = _runtime(args)
+    wait = loaded.daemon.timeout.total_seconds() if loaded else 60.0
+    result = _call(args, "snapshot", {"name": args.name}, timeout=wait + 30.0)
+    if args.json:
+        _print_json(out, result)
+    else:
+        print(result["version"], file=out)
+    return EXIT_OK
+
+
+def _restore(args: argparse.Namespace, out: TextIO) -> int:
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if command:
+        return _restore_by_starting(args, command)
+    loaded, _runtime_dir = _runtime(args)
+    wait = loaded.daemon.timeout.total_seconds() if loaded else 60.0
+    result = _call(
+        args, "restore", {"name": args.name, "version": args.version}, timeout=wait + 30.0
+    )
+    print(f"restored {args.name} v{result['version']} (step {_step(result['step'])})", file=out)
+    return EXIT_OK
+
+
+def _restore_by_starting(args: argparse.Namespace, command: list[str]) -> int:
+    store = _store(args)
+    good = [v for v in store.versions(args.name) if v.problem is None]
+    if not good or (args.version is not None and args.version not in {v.version for v in good}):
+        wanted = f"version {args.version}" if args.version is not None else "any version"
+        raise NoSnapshot(f"{args.name!r} has no snapshot ({wanted}) in {store.root}")
+    environ = dict(os.environ)
+    environ["SNAPSHOTD_RESUME"] = str(args.version) if args.version is not None else "latest"
+    environ["SNAPSHOTD_STORE"] = str(store.root.absolute())
+    sys.stdout.flush()
+    try:
+        os.execvpe(command[0], command, environ)  # noqa: S606 - the user names CMD; its exit code becomes ours
+    except OSError as exc:
+        raise UsageError(f"cannot run {command[0]!r}: {exc.strerror}") from exc
 
 
 def _list(args: argparse.Namespace, out: TextIO) -> int:

@@ -120,6 +120,55 @@ class Override:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Daemon:
+    """How the daemon runs (the ``daemon:`` section; every key optional).
+
+    - ``timeout``: how long a snapshot request waits for a safe point (default 60s).
+    - ``jitter``: random delay added to each scheduled snapshot, so many experiments on
+      one schedule do not hit the disk at the same instant (default: 5% of the interval,
+      at most 5s; ``0s`` is not a duration, so leave it out or give a positive one).
+    - ``staging_budget``: bytes of state in flight at once across experiments; a snapshot
+      that would exceed it is skipped and counted (default 8GiB).
+    - ``max_io_failures``: consecutive failed commits after which the daemon exits
+      non-zero so its supervisor restarts it (default 3).
+    - ``rescan``: how often the runtime directory is rescanned, besides the file system
+      events (default 2s).
+    - ``allowed_uids``: uids whose experiments are served (default: the daemon's, root).
+    - ``log_level``: ``debug``, ``info``, ``warning`` or ``error`` (default ``info``).
+    """
+
+    timeout: datetime.timedelta = datetime.timedelta(seconds=60)
+    jitter: datetime.timedelta | None = None
+    staging_budget: int = 8 << 30
+    max_io_failures: int = 3
+    rescan: datetime.timedelta = datetime.timedelta(seconds=2)
+    allowed_uids: frozenset[int] | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.staging_budget <= 0:
+            raise ConfigError("daemon.staging_budget", "expected a positive size")
+        if self.max_io_failures < 1:
+            raise ConfigError("daemon.max_io_failures", "expected a whole number >= 1")
+        if self.log_level not in _LOG_LEVELS:
+            raise ConfigError(
+                "daemon.log_level",
+                f"expected one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}",
+            )
+
+    def jitter_for(self, schedule: Schedule) -> float:
+        """Seconds of jitter for ``schedule``."""
+        if self.jitter is not None:
+            return self.jitter.total_seconds()
+        if schedule.every is None:
+            return 5.0
+        return min(schedule.every.total_seconds() * 0.05, 5.0)
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole configuration. ``source`` is the file it came from, if any."""
 
@@ -128,6 +177,7 @@ class Config:
     schedule: Schedule = DEFAULT_SCHEDULE
     keep: Policy = DEFAULT_KEEP
     experiments: tuple[Override, ...] = ()
+    daemon: Daemon = Daemon()
     source: Path | None = None
 
     def __post_init__(self) -> None:
@@ -318,8 +368,68 @@ def _experiments(value: object, path: str) -> tuple[Override, ...]:
     return tuple(overrides)
 
 
+_SIZE = re.compile(r"([0-9]+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 1 << 10,
+    "MiB": 1 << 20,
+    "GiB": 1 << 30,
+    "TiB": 1 << 40,
+}
+
+
+def parse_size(value: object, path: str) -> int:
+    """``"4GiB"``, ``"500MB"`` or a whole number of bytes -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) <= 0:
+        raise ConfigError(
+            path,
+            f"expected a positive size such as 512MiB, 4GiB or a number of bytes, got "
+            f"{_describe(value)}",
+        )
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _uids(value: object, path: str) -> frozenset[int]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, f"expected a non-empty list of uids, got {_describe(value)}")
+    uids = frozenset(_count(item, path) for item in value)
+    if min(uids) < 0:
+        raise ConfigError(path, "uids are not negative")
+    return uids
+
+
+_DAEMON: dict[str, Convert] = {
+    "timeout": parse_duration,
+    "jitter": parse_duration,
+    "staging_budget": parse_size,
+    "max_io_failures": _count,
+    "rescan": parse_duration,
+    "allowed_uids": _uids,
+    "log_level": _text,
+}
+
+
+def _daemon(value: object, path: str) -> Daemon:
+    fields = _walk(value, path, _DAEMON)
+    with _under(path, "daemon"):
+        return Daemon(**fields)
+
+
 _TOP: dict[str, Convert] = dict(
-    store=_text, runtime_dir=_text, schedule=_schedule, keep=_keep, experiments=_experiments
+    store=_text,
+    runtime_dir=_text,
+    schedule=_schedule,
+    keep=_keep,
+    experiments=_experiments,
+    daemon=_daemon,
 )
 
 

@@ -172,6 +172,18 @@ class Store:
             os.pwrite(lock_fd, f"{version}\n".encode(), 0)
         return version
 
+    def recover(self) -> int:
+        """Remove temporary files left by crashed writers in every run; return how many.
+
+        Takes each run's lock in turn, so a live writer's temporary file is never touched.
+        """
+        removed = 0
+        for name in self.names():
+            run = self._run_dir(name)
+            with self._locked(run):
+                removed += _remove_temporaries(run)
+        return removed
+
     # -- reading ---------------------------------------------------------------------
 
     def names(self) -> list[str]:
@@ -411,12 +423,15 @@ def _misnamed(header_version: int) -> str:
     return f"the header says version {header_version}, the file name says otherwise"
 
 
-def _remove_temporaries(run: Path) -> None:
+def _remove_temporaries(run: Path) -> int:
     # Called with the run lock held: every writer holds it while its temporary file
     # exists, so any temporary file seen now belongs to a writer that died.
+    removed = 0
     for entry in os.scandir(run):
         if entry.name.startswith(snapshot.TMP_PREFIX):
             os.unlink(entry.path)
+            removed += 1
+    return removed
 
 
 def _make_private_dir(path: Path) -> None:

@@ -36,19 +36,27 @@ RANKS: dict[str, int] = {
     "rendezvous": 3,
     "arena": 3,
     "channel": 3,
+    "sdnotify": 3,
     "store": 4,
     "transport": 4,
+    "control": 4,
     "client": 5,
-    # 6: process wiring
-    "cli": 6,
-    "__init__": 7,
-    "__main__": 8,
+    # 6: use cases
+    "capture": 6,
+    # 7-8: process wiring
+    "discovery": 7,
+    "daemon": 8,
+    "cli": 9,
+    "__init__": 10,
+    "__main__": 11,
 }
 
 #: Third-party imports allowed per module (numpy and the standard library are free).
 FOREIGN: dict[str, set[str]] = {
     "format": {"xxhash"},
     "config": {"yaml"},
+    "discovery": {"watchdog"},
+    "daemon": {"apscheduler"},
 }
 ALWAYS_ALLOWED = {"numpy"}
 PURE_FORBIDDEN = {"socket", "fcntl", "subprocess", "time", "threading", "signal"}

@@ -1,0 +1,565 @@
+"""The daemon: wires config, store, discovery, schedule, control socket and signals.
+
+Lifecycle (each step must succeed before the next; any failure exits non-zero)::
+
+    lock the store  ->  remove crashed writers' temporary files  ->  bind the control
+    socket  ->  start the scheduler  ->  watch the runtime directory  ->  first scan
+    ->  READY=1  ->  main loop  ->  STOPPING=1  ->  bounded drain  ->  exit
+
+Threads and who owns what:
+
+- The **main thread** owns signals and every change to the set of experiments. Signal
+  handlers only put the signal on a queue (nothing else is safe in a handler: no
+  logging, no locks); the main loop takes it from there. Discovery events and the
+  periodic rescan are put on the same queue, so scans never run concurrently.
+- **APScheduler** (3.x, UTC) runs one job per experiment on a thread pool with
+  ``misfire_grace_time=None`` (3.x drops a run that is more than 1 s late by default),
+  ``coalesce=True`` and ``max_instances=1``, plus jitter. Each job holds its experiment's
+  in-flight lock, so at most one snapshot per experiment is ever in flight, and a hung
+  experiment only ties up its own job (every wait has a deadline).
+- The **heartbeat** job sends ``WATCHDOG=1``: if the scheduler stops running jobs,
+  systemd notices and restarts the daemon.
+- The **control server** answers the command line on its own threads.
+
+Stopping (SIGTERM/SIGINT): ``STOPPING=1``, no new snapshots start, the ones in flight
+get ``stop_timeout`` seconds to finish; one that does not is abandoned (its temporary
+file is removed by the next start). SIGHUP or an edit of the config file reloads it; an
+invalid new config is logged and the old one keeps running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from snapshotd import config as configuration
+from snapshotd import rendezvous
+from snapshotd.capture import Budget, capture
+from snapshotd.control import ControlServer
+from snapshotd.discovery import Watcher
+from snapshotd.errors import (
+    ConfigError,
+    DaemonError,
+    PeerError,
+    PeerUnreachable,
+    ProtocolError,
+    SnapshotSkipped,
+    StoreError,
+    StoreLocked,
+)
+from snapshotd.names import NAME_PATTERN
+from snapshotd.sdnotify import Notifier
+from snapshotd.store import Store
+from snapshotd.transport import Experiment, StagingBudgetExceeded
+
+__all__ = ["EXIT_IO_FAILURES", "Daemon"]
+
+log = logging.getLogger("snapshotd.daemon")
+
+#: Exit code after ``max_io_failures`` consecutive failed commits (systemd restarts us).
+EXIT_IO_FAILURES = 5
+IO_TIMEOUT = 5.0
+STOP_TIMEOUT = 30.0
+_STORE_LOCK = ".daemon.lock"
+
+
+@dataclass
+class _Tracked:
+    """What the daemon knows about one experiment."""
+
+    name: str
+    experiment: Experiment
+    in_flight: threading.Lock = field(default_factory=threading.Lock)
+    snapshots: int = 0
+    failures: int = 0
+    skips: int = 0
+    last_version: int | None = None
+    last_step: int | None = None
+    last_time: datetime | None = None
+    last_error: str | None = None
+
+    def status(self, next_run: datetime | None) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pid": self.experiment.pid,
+            "connected": self.experiment.connected,
+            "snapshots": self.snapshots,
+            "failures": self.failures,
+            "skips": self.skips,
+            "last_version": self.last_version,
+            "last_step": self.last_step,
+            "last_snapshot": _iso(self.last_time),
+            "next_snapshot": _iso(next_run),
+            "last_error": self.last_error,
+            "in_flight": self.in_flight.locked(),
+        }
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.astimezone(UTC).isoformat(timespec="seconds")
+
+
+class Daemon:
+    """One daemon process serving one config. Call :meth:`run` from the main thread."""
+
+    def __init__(self, config: configuration.Config, environ: dict[str, str]) -> None:
+        self.config = config
+        self.store = Store(config.store)
+        self.runtime = rendezvous.runtime_dir(config.runtime_dir, environ)
+        self.started = datetime.now(UTC)
+        self._notifier = Notifier(environ)
+        self._events: queue.SimpleQueue[str | int] = queue.SimpleQueue()
+        self._tracked: dict[str, _Tracked] = {}
+        self._guard = threading.Lock()
+        self._budget = Budget(config.daemon.staging_budget)
+        self._io_failures = 0
+        self._exit_code = 0
+        self._scheduler = BackgroundScheduler(timezone=UTC)
+        self._lock_fd = -1
+        #: True when stopping left a snapshot unfinished (the caller must not wait for it).
+        self.abandoned = False
+        self._control: ControlServer | None = None
+        self._watcher: Watcher | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, serve until a stop signal or a fatal error, stop. Returns the exit code."""
+        self._install_signals()
+        try:
+            self._start()
+            self._loop()
+        finally:
+            self._stop()
+        return self._exit_code
+
+    def _start(self) -> None:
+        self._lock_store()
+        removed = self.store.recover()
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted commit", removed)
+        rendezvous.ensure_private_dir(self.runtime)
+        rendezvous.ensure_private_dir(rendezvous.experiments_dir(self.runtime))
+        self._control = ControlServer(
+            rendezvous.control_socket(self.runtime),
+            self.handle,
+            allowed_uids=self._allowed_uids(),
+            io_timeout=IO_TIMEOUT,
+        )
+        self._control.start()
+        self._start_scheduler()
+        self._watcher = Watcher(
+            rendezvous.experiments_dir(self.runtime),
+            self.config.source,
+            on_sockets=lambda: self._events.put("rescan"),
+            on_config=lambda: self._events.put("reload"),
+        )
+        self._watcher.start()
+        self._scan()
+        self._notifier.notify(READY=1, STATUS=self._status_line())
+        log.info(
+            "serving store %s, runtime directory %s (pid %d)",
+            self.store.root,
+            self.runtime,
+            os.getpid(),
+        )
+
+    def _lock_store(self) -> None:
+        self.store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.store.root / _STORE_LOCK
+        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreLocked(
+                f"another snapshotd daemon is using the store {self.store.root}", str(path)
+            ) from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _start_scheduler(self) -> None:
+        interval = self._notifier.watchdog_interval
+        beat = interval / 3 if interval else 10.0
+        self._scheduler.add_job(
+            self._heartbeat,
+            IntervalTrigger(seconds=beat, timezone=UTC),
+            id="heartbeat",
+            misfire_grace_time=None,
+            coalesce=True,
+            max_instances=1,
+        )
+        self._scheduler.add_job(
+            lambda: self._events.put("rescan"),
+            IntervalTrigger(seconds=self.config.daemon.rescan.total_seconds(), timezone=UTC),
+            id="rescan",
+            misfire_grace_time=None,
+            coalesce=True,
+            max_instances=1,
+        )
+        self._scheduler.start()
+
+    def _loop(self) -> None:
+        handlers: dict[str | int, Callable[[], None]] = {
+            "rescan": self._scan,
+            "reload": self._reload,
+            signal.SIGHUP: self._reload,
+        }
+        while True:
+            try:
+                event = self._events.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if event in (signal.SIGTERM, signal.SIGINT, "fatal"):
+                name = event if isinstance(event, str) else signal.Signals(event).name
+                log.info("stopping (%s)", name)
+                return
+            try:
+                handlers[event]()
+            except Exception:  # one failed scan or reload must not stop the daemon
+                log.exception("handling %s failed", event)
+
+    def _stop(self) -> None:
+        self._notifier.notify(STOPPING=1)
+        if self._scheduler.running:
+            self._scheduler.pause()
+        self._drain(STOP_TIMEOUT)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        for closer in (self._watcher, self._control):
+            if closer is not None:
+                _quietly(closer.stop if isinstance(closer, Watcher) else closer.close)
+        with self._guard:
+            for tracked in self._tracked.values():
+                tracked.experiment.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _drain(self, timeout: float) -> None:
+        """Wait for snapshots in flight; abandon what is still running at the deadline."""
+        deadline = time.monotonic() + timeout
+        with self._guard:
+            tracked = list(self._tracked.values())
+        for item in tracked:
+            if not item.in_flight.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                log.warning("%s: abandoning the snapshot in flight", item.name)
+                self.abandoned = True
+
+    def _install_signals(self) -> None:
+        # Handlers only enqueue: logging or taking locks inside a signal handler can
+        # deadlock with the interrupted code. The main loop does the work.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _frame: self._events.put(signum))
+
+    def _allowed_uids(self) -> frozenset[int]:
+        return self.config.daemon.allowed_uids or rendezvous.default_allowed_uids()
+
+    # -- discovery -----------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        """Reconcile tracked experiments with the sockets in the runtime directory."""
+        present = self._socket_names()
+        with self._guard:
+            known = set(self._tracked)
+        for name in sorted(present - known):
+            self._track(name)
+        for name in sorted(known - present):
+            self._untrack(name, "its socket is gone")
+        for name in sorted(known & present):
+            self._untrack_if_gone(name)
+
+    def _socket_names(self) -> set[str]:
+        folder = rendezvous.experiments_dir(self.runtime)
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            return set()
+        names = {e[: -len(".sock")] for e in entries if e.endswith(".sock")}
+        return {n for n in names if NAME_PATTERN.fullmatch(n)}
+
+    def _track(self, name: str) -> None:
+        experiment = Experiment(
+            name,
+            rendezvous.experiment_socket(self.runtime, name),
+            allowed_uids=self._allowed_uids(),
+            io_timeout=IO_TIMEOUT,
+        )
+        if not _listening(experiment.path):
+            return  # a stale socket: its process is gone; the next register reclaims it
+        tracked = _Tracked(name, experiment)
+        with self._guard:
+            self._tracked[name] = tracked
+        self._schedule(name)
+        log.info("%s: discovered; %s", name, self._describe_schedule(name))
+
+    def _untrack_if_gone(self, name: str) -> None:
+        with self._guard:
+            tracked = self._tracked.get(name)
+        idle = tracked is not None and not tracked.experiment.connected
+        if idle and tracked is not None and not _listening(tracked.experiment.path):
+            self._untrack(name, "its process is gone")
+
+    def _untrack(self, name: str, why: str) -> None:
+        with self._guard:
+            tracked = self._tracked.pop(name, None)
+        if tracked is None:
+            return
+        if self._scheduler.get_job(name) is not None:
+            self._scheduler.remove_job(name)
+        tracked.experiment.close()
+        log.info("%s: no longer tracked (%s)", name, why)
+
+    # -- scheduling ----------------------------------------------------------------------
+
+    def _trigger(self, name: str) -> tuple[BaseTrigger, str]:
+        schedule, _policy = self.config.for_experiment(name)
+        jitter = self.config.daemon.jitter_for(schedule)
+        if schedule.cron is not None:
+            trigger: BaseTrigger = CronTrigger.from_crontab(schedule.cron, timezone=UTC)
+            trigger.jitter = int(jitter) or None
+            return trigger, f"cron {schedule.cron!r}"
+        assert schedule.every is not None
+        seconds = schedule.every.total_seconds()
+        every = IntervalTrigger(seconds=seconds, jitter=jitter or None, timezone=UTC)
+        return every, f"every {configuration.format_duration(schedule.every)}"
+
+    def _schedule(self, name: str) -> None:
+        trigger, _text = self._trigger(name)
+        self._scheduler.add_job(
+            self._job,
+            trigger,
+            args=[name],
+            id=name,
+            replace_existing=True,
+            misfire_grace_time=None,
+            coalesce=True,
+            max_instances=1,
+        )
+
+    def _describe_schedule(self, name: str) -> str:
+        return self._trigger(name)[1]
+
+    def _job(self, name: str) -> None:
+        with contextlib.suppress(DaemonError):  # already logged and counted
+            self.snapshot(name, wait=False)
+
+    def snapshot(self, name: str, *, wait: bool) -> dict[str, Any]:
+        """Take one snapshot of ``name`` now (the scheduled job and ``snapshotd snapshot``).
+
+        Raises:
+            DaemonError: unknown experiment, one already in flight, or the snapshot failed.
+        """
+        tracked = self._get(name)
+        timeout = self.config.daemon.timeout.total_seconds()
+        if not tracked.in_flight.acquire(timeout=timeout + IO_TIMEOUT if wait else 0):
+            raise DaemonError(f"{name}: a snapshot is already in flight", code=6)
+        try:
+            return self._snapshot_locked(tracked, timeout)
+        finally:
+            tracked.in_flight.release()
+
+    def _snapshot_locked(self, tracked: _Tracked, timeout: float) -> dict[str, Any]:
+        _schedule, policy = self.config.for_experiment(tracked.name)
+        try:
+            outcome = capture(
+                tracked.experiment,
+                self.store,
+                policy,
+                timeout=timeout,
+                now=datetime.now(UTC),
+                budget=self._budget,
+            )
+        except (SnapshotSkipped, StagingBudgetExceeded) as exc:
+            tracked.skips += 1
+            return self._failed(tracked, exc, logging.WARNING)
+        except (StoreError, OSError) as exc:
+            self._count_io_failure()
+            return self._failed(tracked, exc, logging.ERROR)
+        except (PeerError, ProtocolError) as exc:
+            return self._failed(tracked, exc, logging.WARNING)
+        self._io_failures = 0
+        tracked.snapshots += 1
+        tracked.last_version, tracked.last_step = outcome.version, outcome.step
+        tracked.last_time, tracked.last_error = datetime.now(UTC), None
+        pruned = f", pruned {list(outcome.pruned)}" if outcome.pruned else ""
+        log.info(
+            "%s: version %d (step %s, %d bytes%s)%s",
+            tracked.name,
+            outcome.version,
+            outcome.step,
+            outcome.nbytes,
+            "" if outcome.safe_point else ", no safe point",
+            pruned,
+        )
+        return {"version": outcome.version, "step": outcome.step, "pruned": list(outcome.pruned)}
+
+    def _failed(self, tracked: _Tracked, exc: Exception, level: int) -> dict[str, Any]:
+        if level > logging.WARNING or not isinstance(exc, SnapshotSkipped | StagingBudgetExceeded):
+            tracked.failures += 1
+        tracked.last_error = str(exc)
+        log.log(level, "%s: snapshot not taken: %s", tracked.name, exc)
+        if isinstance(exc, PeerUnreachable) and not _listening(tracked.experiment.path):
+            self._events.put("rescan")
+        raise DaemonError(f"snapshot of {tracked.name} not taken: {exc}", code=6)
+
+    def _count_io_failure(self) -> None:
+        self._io_failures += 1
+        limit = self.config.daemon.max_io_failures
+        if self._io_failures >= limit:
+            log.critical("%d consecutive I/O failures: exiting so that we are restarted", limit)
+            self._exit_code = EXIT_IO_FAILURES
+            self._events.put("fatal")
+
+    def _heartbeat(self) -> None:
+        self._notifier.notify(WATCHDOG=1, STATUS=self._status_line())
+
+    def _status_line(self) -> str:
+        with self._guard:
+            count = len(self._tracked)
+            taken = sum(t.snapshots for t in self._tracked.values())
+        return f"{count} experiment(s), {taken} snapshot(s) taken"
+
+    # -- reload --------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        source = self.config.source
+        if source is None:
+            return
+        self._notifier.notify(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
+        try:
+            new = configuration.load(source)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the old config: %s", exc)
+            self._notifier.notify(READY=1, STATUS=f"reload failed: {exc}")
+            return
+        if new != self.config:
+            self._apply(new)
+        self._notifier.notify(READY=1, STATUS=self._status_line())
+
+    def _apply(self, new: configuration.Config) -> None:
+        if new.store != self.config.store or new.runtime_dir != self.config.runtime_dir:
+            log.warning("store and runtime_dir changes take effect after a restart")
+            new = configuration.Config(
+                store=self.config.store,
+                runtime_dir=self.config.runtime_dir,
+                schedule=new.schedule,
+                keep=new.keep,
+                experiments=new.experiments,
+                daemon=new.daemon,
+                source=new.source,
+            )
+        self.config = new
+        with self._guard:
+            names = list(self._tracked)
+        for name in names:
+            self._schedule(name)
+        log.info("config reloaded from %s", new.source)
+
+    # -- control commands ----------------------------------------------------------------
+
+    def handle(self, verb: str, args: dict[str, Any]) -> Any:
+        """Answer one control command (see docs/PROTOCOL.md for the verbs)."""
+        if verb == "status":
+            return self.status()
+        if verb == "store":
+            return str(self.store.root)
+        if verb == "snapshot":
+            return self.snapshot(_name_arg(args), wait=True)
+        if verb == "restore":
+            return self.restore(_name_arg(args), args.get("version"))
+        raise DaemonError(f"unknown command {verb!r}", code=2)
+
+    def status(self) -> dict[str, Any]:
+        with self._guard:
+            tracked = list(self._tracked.values())
+        experiments = []
+        for item in tracked:
+            job = self._scheduler.get_job(item.name)
+            entry = item.status(job.next_run_time if job is not None else None)
+            entry["schedule"] = self._describe_schedule(item.name)
+            experiments.append(entry)
+        return {
+            "pid": os.getpid(),
+            "started": _iso(self.started),
+            "config": str(self.config.source) if self.config.source else None,
+            "store": str(self.store.root),
+            "runtime_dir": str(self.runtime),
+            "io_failures": self._io_failures,
+            "staging_in_use": self._budget.in_use,
+            "experiments": experiments,
+        }
+
+    def restore(self, name: str, version: Any) -> dict[str, Any]:
+        """Push the newest good (or the given) version into the running experiment."""
+        tracked = self._get(name)
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise DaemonError("version must be a whole number", code=2)
+        loaded = self.store.read(name, version)
+        timeout = self.config.daemon.timeout.total_seconds()
+        if not tracked.in_flight.acquire(timeout=timeout):
+            raise DaemonError(f"{name}: busy with a snapshot", code=6)
+        try:
+            tracked.experiment.push(loaded, timeout)
+        except (PeerError, ProtocolError) as exc:
+            raise DaemonError(f"{name}: restore not applied: {exc}", code=6) from exc
+        finally:
+            tracked.in_flight.release()
+        meta = loaded.header.meta
+        log.info(
+            "%s: restored version %d (step %s) into the running experiment",
+            name,
+            meta.version,
+            meta.step,
+        )
+        return {"version": meta.version, "step": meta.step}
+
+    def _get(self, name: str) -> _Tracked:
+        with self._guard:
+            tracked = self._tracked.get(name)
+        if tracked is None:
+            raise DaemonError(f"no experiment named {name!r} is registered", code=6)
+        return tracked
+
+
+def _name_arg(args: dict[str, Any]) -> str:
+    name = args.get("name")
+    if not isinstance(name, str):
+        raise DaemonError("the command needs an experiment name", code=2)
+    return name
+
+
+def _listening(path: Path) -> bool:
+    """True if something accepts connections at ``path`` (False for a stale socket)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _quietly(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except Exception:
+        log.exception("while stopping")
