@@ -36,7 +36,7 @@ import numpy as np
 import xxhash
 
 from snapshotd.errors import SnapshotCorrupt
-from snapshotd.tree import Structure
+from snapshotd.tree import Structure, check_structure
 
 __all__ = [
     "DIGEST_ALGORITHM",
@@ -285,6 +285,7 @@ def _build_header(document: dict[str, Any], data_start: int) -> Header:
     if set(digests) != names:
         raise ValueError("digests do not name exactly the tensors")
     built = _build_meta(meta)
+    check_structure(built.structure)
     if sorted(tensor_names(built.structure)) != sorted(names):
         raise ValueError("the tree does not refer to exactly the tensors")
     return Header(layout, built, digests, data_start)

@@ -45,7 +45,7 @@ from snapshotd.format import (
     encode_header,
     header_length,
 )
-from snapshotd.target import adapt
+from snapshotd.target import adapt, state_of
 from snapshotd.tree import Flat, flatten, unflatten
 
 __all__ = [
@@ -275,7 +275,7 @@ def save(
         CommitFailed: an I/O error; an existing file at ``path`` is left as it was.
     """
     target = Path(path)
-    state = obj if isinstance(obj, tuple | list) else adapt(obj).get_state()
+    state = state_of(obj)
     meta = _standalone_meta(target.stem, step, metadata)
     write(target.parent, target.name, encode(flatten(state), meta))
 

@@ -42,6 +42,7 @@ import numpy as np
 from snapshotd import retention, snapshot
 from snapshotd.crashpoint import crashpoint
 from snapshotd.errors import (
+    CommitFailed,
     FallbackWarning,
     NoGoodSnapshot,
     NoSnapshot,
@@ -51,7 +52,7 @@ from snapshotd.errors import (
 )
 from snapshotd.format import Header
 from snapshotd.names import check_name
-from snapshotd.target import adapt
+from snapshotd.target import adapt, state_of
 from snapshotd.tree import Flat, flatten
 
 __all__ = ["Check", "Store", "Version"]
@@ -135,7 +136,7 @@ class Store:
             StateError: the state holds something that cannot be stored.
             CommitFailed: an I/O error; no new version exists, older ones are untouched.
         """
-        tree = state if isinstance(state, tuple | list) else adapt(state).get_state()
+        tree = state_of(state)
         return self.commit_flat(
             name,
             flatten(tree),
@@ -218,11 +219,15 @@ class Store:
         if version is not None:
             return self._read_exact(name, run, version)
         listed = _listed(run)
+        if not listed and self.quarantined(name):
+            raise NoGoodSnapshot(
+                f"no good snapshot of {name!r}: every one is in {run / _QUARANTINE}", str(run)
+            )
         if not listed:
             raise NoSnapshot(f"no snapshots of {name!r} in {self.root}", str(run))
         for found, path in reversed(listed):
             try:
-                return snapshot.read(path)
+                return _read_verified(name, found, path)
             except SnapshotCorrupt as exc:
                 self._quarantine(run, found, path, exc.reason)
                 _warn_fallback(name, found, exc.reason)
@@ -237,7 +242,7 @@ class Store:
         if not path.exists():
             raise NoSnapshot(f"{name!r} has no version {version}", str(path))
         try:
-            return snapshot.read(path)
+            return _read_verified(name, version, path)
         except SnapshotCorrupt as exc:
             self._quarantine(run, version, path, exc.reason)
             raise
@@ -250,7 +255,7 @@ class Store:
         checks = []
         for run_name in [check_name(name)] if name else self.names():
             for found, path in _listed(self._run_dir(run_name)):
-                checks.append(Check(run_name, found, path, _problem_of(path)))
+                checks.append(Check(run_name, found, path, _problem_of(run_name, found, path)))
         return checks
 
     def quarantined(self, name: str) -> list[Path]:
@@ -289,7 +294,7 @@ class Store:
                 self._quarantine(run, version.version, version.path, version.problem)
             elif version.problem is None:
                 usable.append(version)
-        while usable and (problem := _problem_of(usable[-1].path)) is not None:
+        while usable and (problem := _problem_of(name, usable[-1].version, usable[-1].path)):
             bad = usable.pop()
             if not dry_run:
                 self._quarantine(run, bad.version, bad.path, problem)
@@ -365,8 +370,13 @@ class Store:
             size = path.stat().st_size if path.exists() else 0
             return Version(name, version, path, size, problem=str(exc))
         meta = header.meta
-        if meta.version != version:
-            return Version(name, version, path, header.file_size, problem=_misnamed(meta.version))
+        if meta.version != version or meta.name != name:
+            problem = (
+                _misnamed(meta.version)
+                if meta.version != version
+                else (f"the header names run {meta.name!r}")
+            )
+            return Version(name, version, path, header.file_size, problem=problem)
         return Version(
             name, version, path, header.file_size, meta.step, meta.created, meta.safe_point
         )
@@ -381,7 +391,7 @@ class Store:
                 suffix += 1
                 target = folder / f"{file_name(version)}.{suffix}"
             os.rename(path, target)
-            target.with_name(target.name + ".reason").write_text(reason + "\n")
+            _write_private(target.with_name(target.name + ".reason"), (reason + "\n").encode())
             snapshot.fsync_directory(run)
             snapshot.fsync_directory(folder)
         except OSError as exc:
@@ -406,16 +416,28 @@ def _listed(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _problem_of(path: Path) -> str | None:
+def _read_verified(name: str, version: int, path: Path) -> snapshot.Loaded:
+    """Read and verify ``path`` as version ``version`` of run ``name``.
+
+    Besides the file's own checks, the header must name this run and this version: a
+    valid file copied under another run's or another version's name is caught here.
+    """
+    loaded = snapshot.read(path)
+    meta = loaded.header.meta
+    if meta.name != name:
+        raise SnapshotCorrupt(str(path), f"the header names run {meta.name!r}, not {name!r}")
+    if meta.version != version:
+        raise SnapshotCorrupt(str(path), _misnamed(meta.version))
+    return loaded
+
+
+def _problem_of(name: str, version: int, path: Path) -> str | None:
     try:
-        loaded = snapshot.read(path)
+        _read_verified(name, version, path)
     except SnapshotCorrupt as exc:
         return exc.reason
     except StoreError as exc:
         return str(exc)
-    match = _FILE.fullmatch(path.name)
-    if match and int(match.group(1)) != loaded.header.meta.version:
-        return _misnamed(loaded.header.meta.version)
     return None
 
 
@@ -473,14 +495,29 @@ def _fields_of(header: Header) -> dict[str, Any]:
     }
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def _write_npz(target: Path, arrays: Mapping[str, np.ndarray[Any, Any]]) -> None:
     tmp = target.with_name(f"{snapshot.TMP_PREFIX}{target.name}.{os.getpid()}")
-    # What np.savez does, without its keyword arguments colliding with tensor names.
-    with open(tmp, "wb") as stream, zipfile.ZipFile(stream, "w") as archive:
-        for name, array in arrays.items():
-            with archive.open(name + ".npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, array, allow_pickle=False)
-    with open(tmp, "rb") as written:
-        os.fsync(written.fileno())
-    os.rename(tmp, target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        with os.fdopen(os.open(tmp, flags, 0o600), "wb") as stream:
+            # What np.savez does, without its keyword arguments colliding with tensor names.
+            with zipfile.ZipFile(stream, "w") as archive:
+                for name, array in arrays.items():
+                    with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, array, allow_pickle=False)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.rename(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise CommitFailed(f"writing {target} failed: {exc}", str(target)) from exc
     snapshot.fsync_directory(target.parent)

@@ -24,7 +24,7 @@ import numpy as np
 
 from snapshotd.errors import RestoreMismatch, UsageError
 
-__all__ = ["CallableTarget", "DictTarget", "ObjectTarget", "Target", "adapt"]
+__all__ = ["CallableTarget", "DictTarget", "ObjectTarget", "Target", "adapt", "state_of"]
 
 
 class Target(Protocol):
@@ -71,6 +71,11 @@ class DictTarget:
         if not isinstance(state, dict):
             raise RestoreMismatch([], [], [f"stored state is a {type(state).__name__}, not a dict"])
         incoming = {self.rename.get(key, key): value for key, value in state.items()}
+        if len(incoming) != len(state):
+            clashes = sorted(repr(k) for k in state if k in self.rename.values() and k in state)
+            raise RestoreMismatch(
+                [], [], [f"rename maps two stored names onto {', '.join(clashes)}"]
+            )
         missing = sorted(repr(k) for k in self.mapping.keys() - incoming.keys())
         unexpected = sorted(repr(k) for k in incoming.keys() - self.mapping.keys())
         if missing or unexpected:
@@ -107,6 +112,26 @@ class CallableTarget:
         if self.set is None:
             raise UsageError("this target has no set= callable, so it cannot be restored")
         self.set(state)
+
+
+def state_of(obj: object) -> Any:
+    """The state tree to store for ``obj``.
+
+    A value that is already a state tree (an array, a numpy or plain scalar, a tuple, a
+    list, a dict, ``None``) is stored as it is; any other object gives its state through
+    ``__getstate__``, as pickle would ask it.
+    """
+    if obj is None or isinstance(obj, _TREE_VALUES):
+        return obj
+    # Since Python 3.11 every object has __getstate__; only a class's own one, or an
+    # instance __dict__, makes it a state holder. Anything else (a set, bytes) is left
+    # for flatten() to refuse with its path.
+    if type(obj).__getstate__ is not object.__getstate__ or hasattr(obj, "__dict__"):
+        return ObjectTarget(obj).get_state()
+    return obj
+
+
+_TREE_VALUES = (np.ndarray, np.generic, tuple, list, dict, bool, int, float, str)
 
 
 def adapt(

@@ -16,13 +16,15 @@ nothing else: no files, no sockets, no clock.
 
 Structure nodes (see docs/FORMAT.md): ``{"a": name}`` array, ``{"s": name}`` numpy scalar
 (stored as a 0-d tensor), ``{"t": [...]}`` tuple, ``{"l": [...]}`` list,
-``{"d": [[key, node], ...]}`` dict, ``{"f": repr}`` float (exact, NaN/inf included), and
+``{"d": [[key, node], ...]}`` dict, ``{"f": repr}`` float (exact, inf included),
+``{"fb": 16 hex digits}`` a NaN by its IEEE 754 bits (sign and payload kept), and
 JSON ``null``/``true``/``false``/integers/strings for the other scalars.
 """
 
 from __future__ import annotations
 
 import functools
+import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,13 +35,15 @@ import numpy as np
 
 from snapshotd.errors import StateError
 
-__all__ = ["ALLOWED_KINDS", "Flat", "check_dtype", "flatten", "unflatten"]
+__all__ = ["ALLOWED_KINDS", "Flat", "check_dtype", "check_structure", "flatten", "unflatten"]
 
 #: numpy dtype kinds we store: bool, signed, unsigned, float, complex.
 ALLOWED_KINDS = frozenset("biufc")
 #: Names a tensor may not take: safetensors reserves ``__metadata__``.
 _RESERVED = frozenset({"__metadata__"})
 _MAX_DEPTH = 256
+#: Python refuses to print integers of more than 4300 digits (about 14,000 bits).
+_MAX_INT_BITS = 14_000
 _NATIVE_LITTLE = sys.byteorder == "little"
 
 Structure = Any  # JSON-able: dict | list | str | int | bool | None
@@ -92,6 +96,11 @@ def _unflatten_dict(body: Any, arrays: Mapping[str, np.ndarray[Any, Any]]) -> di
     return {key: unflatten(child, arrays) for key, child in body}
 
 
+def _unflatten_float_bits(body: Any, arrays: Mapping[str, np.ndarray[Any, Any]]) -> float:
+    value: float = struct.unpack(">d", bytes.fromhex(body))[0]
+    return value
+
+
 _UNFLATTENERS: dict[str, Any] = {
     "a": lambda body, arrays: arrays[body],
     "s": lambda body, arrays: arrays[body][()],
@@ -99,6 +108,69 @@ _UNFLATTENERS: dict[str, Any] = {
     "l": lambda body, arrays: [unflatten(child, arrays) for child in body],
     "d": _unflatten_dict,
     "f": lambda body, arrays: float(body),
+    "fb": _unflatten_float_bits,
+}
+
+
+def check_structure(structure: Structure, depth: int = 0) -> None:
+    """Raise ``ValueError`` unless ``structure`` is one this module writes.
+
+    Used on structures read from files and sockets, before :func:`unflatten` trusts them.
+    """
+    if depth > _MAX_DEPTH:
+        raise ValueError("structure nested too deeply")
+    if structure is None or isinstance(structure, bool | int | str):
+        return
+    if not isinstance(structure, dict) or len(structure) != 1:
+        raise ValueError(f"not a structure node: {structure!r:.60}")
+    ((tag, body),) = structure.items()
+    _NODE_CHECKS[tag](body, depth)
+
+
+def _check_children(body: Any, depth: int) -> None:
+    if not isinstance(body, list):
+        raise ValueError("a container node needs a list")
+    for child in body:
+        check_structure(child, depth + 1)
+
+
+def _check_items(body: Any, depth: int) -> None:
+    if not isinstance(body, list):
+        raise ValueError("a dict node needs a list of [key, node] pairs")
+    for item in body:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ValueError("a dict item must be [key, node]")
+        key, child = item
+        if isinstance(key, bool) or not isinstance(key, str | int):
+            raise ValueError(f"a dict key must be a str or an int, not {key!r:.40}")
+        check_structure(child, depth + 1)
+
+
+def _check_name(body: Any, depth: int) -> None:
+    if not isinstance(body, str):
+        raise ValueError("an array node needs a tensor name")
+
+
+def _check_float(body: Any, depth: int) -> None:
+    if not isinstance(body, str):
+        raise ValueError("a float node needs text")
+    float(body)
+
+
+def _check_float_bits(body: Any, depth: int) -> None:
+    if not isinstance(body, str) or len(body) != 16:
+        raise ValueError("a float-bits node needs 16 hex digits")
+    bytes.fromhex(body)
+
+
+_NODE_CHECKS: dict[str, Any] = {
+    "a": _check_name,
+    "s": _check_name,
+    "t": _check_children,
+    "l": _check_children,
+    "d": _check_items,
+    "f": _check_float,
+    "fb": _check_float_bits,
 }
 
 
@@ -125,17 +197,20 @@ class _Flattener:
         return self.other(value, trail, depth)
 
     def other(self, value: object, trail: tuple[Any, ...], depth: int) -> Structure:
-        # bool before int: bool is a subclass of int.
+        # numpy scalars first: np.float64 is a subclass of float. bool before int: bool is
+        # a subclass of int.
+        if isinstance(value, np.generic):
+            return {"s": self.array(np.asarray(value), trail)}
+        if isinstance(value, np.ndarray):
+            return {"a": self.array(value, trail)}
         if value is None or isinstance(value, bool | str):
             return value
         if isinstance(value, int):
+            if value.bit_length() > _MAX_INT_BITS:
+                raise StateError(_where(trail), f"integer of {value.bit_length()} bits is too big")
             return int(value)
         if isinstance(value, float):
-            return {"f": repr(float(value))}
-        if isinstance(value, np.ndarray):
-            return {"a": self.array(value, trail)}
-        if isinstance(value, np.generic):
-            return {"s": self.array(np.asarray(value), trail)}
+            return _float_node(float(value))
         if isinstance(value, tuple | list | dict):
             raise StateError(_where(trail), f"{type(value).__name__} (a subclass) is not supported")
         raise StateError(_where(trail), f"object of type {type(value).__name__} is not supported")
@@ -182,13 +257,21 @@ class _Flattener:
         return name
 
 
+def _float_node(value: float) -> Structure:
+    # repr round-trips every float exactly except the sign and payload of a NaN.
+    if value != value:
+        return {"fb": struct.pack(">d", value).hex()}
+    return {"f": repr(value)}
+
+
 #: dtypes that passed :func:`check_dtype` (there are only a few dozen possible).
 _CHECKED: set[np.dtype[Any]] = set()
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _component(part: object) -> str:
-    return quote(str(part), safe="")
+    # surrogatepass: a str key may hold lone surrogates (from undecodable file names).
+    return quote(str(part), safe="", errors="surrogatepass")
 
 
 def _where(trail: tuple[Any, ...]) -> str:

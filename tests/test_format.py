@@ -1,0 +1,562 @@
+"""The file format: a safetensors file, byte for byte, plus snapshotd's metadata and digests.
+
+The checks here read the bytes themselves (length prefix, JSON header, data section) and
+re-derive the digests with xxhash, so they do not trust the code under test; forged
+headers are re-signed with the documented header-digest rule so that each rejection test
+reaches the check it is about.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import tracemalloc
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import xxhash
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+import snapshotd
+from snapshotd import format as fmt
+from snapshotd import snapshot
+from snapshotd.errors import SnapshotCorrupt
+
+Array = npt.NDArray[Any]
+Document = dict[str, Any]
+
+DIGEST_KEY = b'"snapshotd.header_digest":"'
+STORED_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+    "C64": 8,
+}
+DTYPES = [
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+]
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def mixed_state() -> dict[str, Any]:
+    """Every dtype, odd sizes and small item sizes first, to make misalignment likely."""
+    rng = np.random.default_rng(7)
+    state: dict[str, Any] = {}
+    for i, dtype in enumerate(DTYPES):
+        for shape in [(), (0,), (0, 3), (1,), (3,), (2, 3, 5)]:
+            size = math.prod(shape) * np.dtype(dtype).itemsize
+            raw = rng.integers(0, 256, size=size, dtype=np.uint8)
+            values = raw.view(np.uint8).astype(bool) if dtype == "bool" else raw.view(dtype)
+            state[f"{i:02d}-{dtype}-{'x'.join(map(str, shape)) or '0d'}"] = values.reshape(shape)
+    state["scalar-c128"] = np.complex128(1 + 2j)
+    state["scalar-u8"] = np.uint8(3)
+    return state
+
+
+def split(blob: bytes) -> tuple[Document, bytes]:
+    """The parsed header JSON and the data section of a file."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + length]), blob[8 + length :]
+
+
+def sign(document: Document) -> bytes:
+    """A header region for ``document``, signed with the documented header-digest rule."""
+    document["__metadata__"]["snapshotd.header_digest"] = "0" * 32
+    text = json.dumps(document, separators=(",", ":")).encode()
+    return sign_text(text)
+
+
+def sign_text(text: bytes) -> bytes:
+    padding = -(8 + len(text)) % 64
+    region = bytearray(struct.pack("<Q", len(text) + padding) + text + b" " * padding)
+    at = region.index(DIGEST_KEY) + len(DIGEST_KEY)
+    region[at : at + 32] = xxhash.xxh3_128_hexdigest(bytes(region)).encode()
+    return bytes(region)
+
+
+@pytest.fixture(scope="module")
+def good_blob(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A small valid snapshot: a float64 [3] tensor 'a' and an int32 [2] tensor 'b'."""
+    path = tmp_path_factory.mktemp("good") / "good.safetensors"
+    snapshotd.save(path, {"a": np.arange(3.0), "b": np.arange(2, dtype=np.int32)})
+    return path.read_bytes()
+
+
+def decode(blob: bytes) -> fmt.Header:
+    return fmt.decode_header(blob, len(blob), "the-file")
+
+
+# --- safetensors compatibility ------------------------------------------------------
+
+
+def test_safetensors_reads_every_tensor_with_the_same_values(tmp_path: Path) -> None:
+    state = mixed_state()
+    path = tmp_path / "mixed.safetensors"
+    snapshotd.save(path, state)
+
+    tensors = load_file(str(path))
+
+    assert set(tensors) == set(state)
+    for name, value in state.items():
+        expected = np.asarray(value)
+        got = tensors[name]
+        if expected.dtype == np.complex128:
+            assert got.dtype == np.float64, name
+            assert got.shape == (*expected.shape, 2), name
+            assert got[..., 0].tobytes() == expected.real.tobytes(), name
+            assert got[..., 1].tobytes() == expected.imag.tobytes(), name
+        else:
+            assert got.dtype == expected.dtype, name
+            assert got.shape == expected.shape, name
+            assert got.tobytes() == expected.tobytes(), name
+
+
+def test_complex64_is_a_native_safetensors_dtype(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    snapshotd.save(path, {"c": np.array([1 + 2j, -3j], np.complex64)})
+
+    document, _ = split(path.read_bytes())
+
+    assert document["c"]["dtype"] == "C64"
+    assert document["c"]["shape"] == [2]
+    assert load_file(str(path))["c"].dtype == np.complex64
+
+
+def test_complex128_is_float64_pairs_and_recorded_in_dtypes(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    snapshotd.save(path, {"c": np.zeros((2, 3), np.complex128), "f": np.zeros(2)})
+
+    document, _ = split(path.read_bytes())
+
+    assert document["c"]["dtype"] == "F64"
+    assert document["c"]["shape"] == [2, 3, 2]
+    assert json.loads(document["__metadata__"]["snapshotd.dtypes"]) == {"c": "complex128"}
+
+
+def test_safetensors_sees_the_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    snapshotd.save(path, {"a": np.zeros(1)}, step=3, metadata={"k": "v"})
+
+    with safe_open(str(path), framework="np") as opened:
+        metadata = opened.metadata()
+
+    assert metadata["snapshotd.format"] == "snapshotd/1"
+    assert metadata["snapshotd.step"] == "3"
+    assert json.loads(metadata["snapshotd.user"]) == {"k": "v"}
+
+
+# --- layout -------------------------------------------------------------------------
+
+
+def test_layout_is_aligned_contiguous_and_ends_at_the_last_tensor(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.safetensors"
+    snapshotd.save(path, mixed_state())
+    blob = path.read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    document, data = split(blob)
+    header_text = blob[8 : 8 + length]
+
+    assert (8 + length) % 64 == 0, "the data section starts on a 64-byte boundary"
+    assert json.loads(header_text) == document
+    spans = sorted(
+        (entry["data_offsets"][0], entry["data_offsets"][1], name, entry)
+        for name, entry in document.items()
+        if name != "__metadata__"
+    )
+    offset = 0
+    for begin, end, name, entry in spans:
+        itemsize = STORED_ITEMSIZE[entry["dtype"]]
+        assert begin == offset, f"{name}: gap or overlap at {offset}"
+        assert begin % min(itemsize, 8) == 0, f"{name} at {begin} is not aligned"
+        assert (8 + length + begin) % min(itemsize, 8) == 0, f"{name}: file offset unaligned"
+        assert end - begin == math.prod(entry["shape"]) * itemsize, name
+        offset = end
+    assert len(data) == offset, "the file ends exactly at the last tensor"
+    assert len(blob) == 8 + length + offset
+
+
+def test_header_is_padded_with_spaces_only(good_blob: bytes) -> None:
+    blob = good_blob
+    (length,) = struct.unpack("<Q", blob[:8])
+    text = blob[8 : 8 + length]
+
+    stripped = text.rstrip(b" ")
+
+    assert json.loads(stripped) == json.loads(text)
+    assert stripped.endswith(b"}")
+    assert len(text) - len(stripped) < 64
+
+
+# --- metadata -----------------------------------------------------------------------
+
+METADATA_KEYS = {
+    "snapshotd.format",
+    "snapshotd.name",
+    "snapshotd.version",
+    "snapshotd.step",
+    "snapshotd.created",
+    "snapshotd.safe_point",
+    "snapshotd.tree",
+    "snapshotd.digest",
+    "snapshotd.digests",
+    "snapshotd.dtypes",
+    "snapshotd.user",
+    "snapshotd.header_digest",
+}
+
+
+def test_header_metadata_has_the_documented_keys_and_values(tmp_path: Path) -> None:
+    store = snapshotd.Store(tmp_path / "store")
+    created = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=timezone(timedelta(hours=2)))
+    state = {"w": np.arange(4.0), "c": np.ones(2, np.complex128), "n": 5, "s": np.int16(2)}
+    version = store.commit(
+        "exp-1", state, step=17, metadata={"k": "v", "ü": "x"}, safe_point=True, created=created
+    )
+    blob = (tmp_path / "store" / "exp-1" / "v000001.safetensors").read_bytes()
+    document, data = split(blob)
+    meta = document["__metadata__"]
+
+    assert set(meta) == METADATA_KEYS
+    assert all(isinstance(value, str) for value in meta.values())
+    assert meta["snapshotd.format"] == "snapshotd/1"
+    assert meta["snapshotd.name"] == "exp-1"
+    assert meta["snapshotd.version"] == str(version) == "1"
+    assert meta["snapshotd.step"] == "17"
+    assert meta["snapshotd.created"] == "2024-01-02T01:04:05.678901Z"
+    assert meta["snapshotd.safe_point"] == "true"
+    assert meta["snapshotd.digest"] == "xxh3-128"
+    assert json.loads(meta["snapshotd.user"]) == {"k": "v", "ü": "x"}
+    assert json.loads(meta["snapshotd.dtypes"]) == {"c": "complex128"}
+    tree = json.loads(meta["snapshotd.tree"])
+    assert [key for key, _ in tree["d"]] == ["w", "c", "n", "s"]
+    digests = json.loads(meta["snapshotd.digests"])
+    tensors = {name: entry for name, entry in document.items() if name != "__metadata__"}
+    assert set(digests) == set(tensors) == {"w", "c", "s"}
+    for name, entry in tensors.items():
+        begin, end = entry["data_offsets"]
+        assert digests[name] == xxhash.xxh3_128_hexdigest(data[begin:end]), name
+    assert re.fullmatch(r"[0-9a-f]{32}", meta["snapshotd.header_digest"])
+
+
+def test_created_is_utc_with_a_z_suffix_for_save(tmp_path: Path) -> None:
+    before = datetime.now(UTC)
+    snapshotd.save(tmp_path / "m.safetensors", {"a": np.zeros(1)})
+    after = datetime.now(UTC)
+
+    meta = split((tmp_path / "m.safetensors").read_bytes())[0]["__metadata__"]
+
+    text = meta["snapshotd.created"]
+    assert text.endswith("Z")
+    created = datetime.fromisoformat(text)
+    assert created.utcoffset() == timedelta(0)
+    assert before - timedelta(seconds=1) <= created <= after + timedelta(seconds=1)
+    assert meta["snapshotd.name"] == "m"
+    assert meta["snapshotd.step"] == ""
+    assert meta["snapshotd.safe_point"] == ""
+
+
+def test_header_digest_follows_the_documented_rule(good_blob: bytes) -> None:
+    blob = good_blob
+    (length,) = struct.unpack("<Q", blob[:8])
+    region = bytearray(blob[: 8 + length])
+    at = region.index(DIGEST_KEY) + len(DIGEST_KEY)
+    stored = bytes(region[at : at + 32])
+
+    region[at : at + 32] = b"0" * 32
+
+    assert xxhash.xxh3_128_hexdigest(bytes(region)).encode() == stored
+
+
+def test_decoded_header_gives_back_the_meta(tmp_path: Path) -> None:
+    store = snapshotd.Store(tmp_path / "store")
+    created = datetime(2030, 5, 6, 7, 8, 9, 10, tzinfo=UTC)
+    store.commit("r", {"a": np.zeros(3)}, step=4, safe_point=False, created=created)
+    blob = (tmp_path / "store" / "r" / "v000001.safetensors").read_bytes()
+
+    header = decode(blob)
+
+    assert header.meta.name == "r"
+    assert header.meta.version == 1
+    assert header.meta.step == 4
+    assert header.meta.created == created
+    assert header.meta.safe_point is False
+    assert dict(header.meta.user) == {}
+    assert header.data_start % 64 == 0
+    assert header.file_size == len(blob)
+
+
+# --- every byte is covered ----------------------------------------------------------
+
+
+def test_flipping_any_byte_of_the_file_is_detected(tmp_path: Path, good_blob: bytes) -> None:
+    path = tmp_path / "flipped.safetensors"
+    path.write_bytes(good_blob)
+
+    undetected = []
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for at in range(len(good_blob)):
+            for mask in (0x01, 0x80):
+                os.pwrite(fd, bytes([good_blob[at] ^ mask]), at)
+                try:
+                    snapshotd.load(path)
+                except SnapshotCorrupt:
+                    pass
+                else:
+                    undetected.append((at, mask))
+                os.pwrite(fd, good_blob[at : at + 1], at)
+    finally:
+        os.close(fd)
+
+    assert undetected == []
+    assert snapshotd.load(path)["a"].tolist() == [0.0, 1.0, 2.0]
+
+
+# --- decode_header rejections -------------------------------------------------------
+
+
+def _forged(change: Callable[[Document], None]) -> Callable[[bytes], bytes]:
+    def build(blob: bytes) -> bytes:
+        document, data = split(blob)
+        change(document)
+        return sign(document) + data
+
+    return build
+
+
+def _set_meta(key: str, value: str) -> Callable[[Document], None]:
+    return lambda document: document["__metadata__"].update({"snapshotd." + key: value})
+
+
+def _set_entry(name: str, **fields: Any) -> Callable[[Document], None]:
+    return lambda document: document[name].update(fields)
+
+
+def _gap(blob: bytes) -> bytes:
+    # 'b' moves 8 bytes further and the data section grows by 8 zero bytes before it: the
+    # file size matches the layout, so only the gap itself is wrong.
+    document, data = split(blob)
+    document["b"]["data_offsets"] = [32, 40]
+    return sign(document) + data[:24] + bytes(8) + data[24:]
+
+
+def _overlap(blob: bytes) -> bytes:
+    document, data = split(blob)
+    document["b"]["data_offsets"] = [16, 24]
+    return sign(document) + data[:24]
+
+
+def _not_json(blob: bytes) -> bytes:
+    text = b'{"__metadata__":{"snapshotd.header_digest":"' + b"0" * 32 + b'"}, oops'
+    return sign_text(text)
+
+
+def _not_utf8(blob: bytes) -> bytes:
+    text = b'{"__metadata__":{"snapshotd.header_digest":"' + b"0" * 32 + b'","x":"\xff\xfe"}}'
+    return sign_text(text)
+
+
+def _header_digest_wrong(blob: bytes) -> bytes:
+    document, data = split(blob)
+    region = bytearray(sign(document))
+    at = region.index(b'"snapshotd.name":"') + len(b'"snapshotd.name":"')
+    region[at] ^= 0x01  # still valid JSON, changed after signing
+    return bytes(region) + data
+
+
+def _tree_names_ghost(document: Document) -> None:
+    document["__metadata__"]["snapshotd.tree"] = json.dumps(
+        {"d": [["a", {"a": "a"}], ["b", {"a": "b"}], ["c", {"a": "ghost"}]]}
+    )
+
+
+def _tree_misses_a_tensor(document: Document) -> None:
+    document["__metadata__"]["snapshotd.tree"] = json.dumps({"d": [["a", {"a": "a"}]]})
+
+
+def _digests_miss_a_tensor(document: Document) -> None:
+    digests = json.loads(document["__metadata__"]["snapshotd.digests"])
+    del digests["b"]
+    document["__metadata__"]["snapshotd.digests"] = json.dumps(digests)
+
+
+def _no_metadata(document: Document) -> None:
+    document["__metadata__"] = {"snapshotd.header_digest": "0" * 32}
+
+
+REJECTED: list[Any] = [
+    pytest.param(lambda blob: blob[:5], "shorter than the 8-byte prefix", id="shorter-than-prefix"),
+    pytest.param(
+        lambda blob: struct.pack("<Q", 2**64 - 1) + blob[8:], "exceeds", id="length-u64-max"
+    ),
+    pytest.param(
+        lambda blob: struct.pack("<Q", fmt.MAX_HEADER_BYTES + 1) + blob[8:],
+        "exceeds",
+        id="length-over-limit",
+    ),
+    pytest.param(
+        lambda blob: struct.pack("<Q", len(blob)) + blob[8:], "past the end", id="length-past-eof"
+    ),
+    pytest.param(_not_json, "not JSON", id="not-json"),
+    pytest.param(_not_utf8, "not JSON", id="not-utf8"),
+    pytest.param(_header_digest_wrong, "header digest mismatch", id="header-digest-mismatch"),
+    pytest.param(_forged(_set_meta("format", "snapshotd/2")), "unknown format", id="format"),
+    pytest.param(_forged(_set_meta("digest", "sha256")), "unknown digest", id="digest-algorithm"),
+    pytest.param(_gap, "gap", id="gap-between-tensors"),
+    pytest.param(_overlap, "overlaps", id="overlapping-tensors"),
+    pytest.param(lambda blob: blob + b"\0", "header describes", id="trailing-byte"),
+    pytest.param(lambda blob: blob[:-1], "header describes", id="truncated-data"),
+    pytest.param(_forged(_set_entry("a", shape=[4])), "do not fit its shape", id="shape-offsets"),
+    pytest.param(_forged(_set_entry("a", shape=[-3])), "invalid shape", id="negative-dim"),
+    pytest.param(
+        _forged(_set_entry("a", shape=[-1, -3])), "invalid shape", id="negative-dims-product"
+    ),
+    pytest.param(_forged(_set_entry("a", dtype="F8_E4M3")), "F8_E4M3", id="unknown-dtype"),
+    pytest.param(_forged(_set_entry("a", data_offsets=[-24, 0])), "offsets", id="negative-offset"),
+    pytest.param(_forged(_tree_names_ghost), "tree", id="tree-names-missing-tensor"),
+    pytest.param(_forged(_tree_misses_a_tensor), "tree", id="tree-omits-a-tensor"),
+    pytest.param(_forged(_digests_miss_a_tensor), "digests", id="digest-missing"),
+    pytest.param(_forged(_no_metadata), "malformed", id="no-snapshotd-metadata"),
+    pytest.param(
+        _forged(_set_meta("created", "2024-01-01T00:00:00")), "timezone", id="naive-created"
+    ),
+]
+
+
+@pytest.mark.parametrize(("damage", "reason"), REJECTED)
+def test_decode_header_rejects(
+    good_blob: bytes, damage: Callable[[bytes], bytes], reason: str
+) -> None:
+    blob = damage(good_blob)
+
+    with pytest.raises(SnapshotCorrupt) as info:
+        decode(blob)
+
+    assert reason in info.value.reason
+    assert info.value.path == "the-file"
+
+
+@pytest.mark.parametrize(("damage", "reason"), REJECTED)
+def test_load_rejects_the_same_files(
+    tmp_path: Path, good_blob: bytes, damage: Callable[[bytes], bytes], reason: str
+) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(damage(good_blob))
+
+    with pytest.raises(SnapshotCorrupt) as info:
+        snapshotd.load(path)
+
+    assert reason in info.value.reason
+
+
+def test_a_plain_safetensors_file_is_not_a_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.safetensors"
+    save_file({"a": np.zeros(3)}, str(path), metadata={"k": "v"})
+
+    with pytest.raises(SnapshotCorrupt):
+        snapshotd.load(path)
+
+
+def test_an_oversized_header_length_is_refused_without_reading_it(tmp_path: Path) -> None:
+    # A sparse file big enough that the length fits inside it: only the limit can stop it.
+    path = tmp_path / "huge.safetensors"
+    length = fmt.MAX_HEADER_BYTES + 1
+    with open(path, "wb") as stream:
+        stream.write(struct.pack("<Q", length))
+        stream.truncate(8 + length + 64)
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(SnapshotCorrupt) as info:
+            snapshot.read_header(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert "exceeds" in info.value.reason
+    assert peak < 1_000_000, f"{peak} bytes allocated to refuse a header"
+    assert os.path.getsize(path) == 8 + length + 64
+
+
+MALFORMED_TREES: list[Any] = [
+    pytest.param({"l": [{"a": "a"}, {"a": "b"}, {"zz": 1}]}, id="unknown-node-tag"),
+    pytest.param({"l": [{"a": "a"}, {"a": "b"}, {"f": "not-a-float"}]}, id="bad-float-text"),
+    pytest.param({"l": [{"a": "a"}, {"a": "b"}, [1, 2]]}, id="bare-json-list"),
+    pytest.param({"l": [{"a": "a"}, {"a": "b"}, 1.5]}, id="bare-json-float"),
+    pytest.param({"d": [[[1], {"a": "a"}], ["b", {"a": "b"}]]}, id="list-as-dict-key"),
+    pytest.param({"d": [["a", {"a": "a"}, 3], ["b", {"a": "b"}]]}, id="dict-entry-not-a-pair"),
+    pytest.param({"t": {"a": "a", "b": "b"}}, id="tuple-body-not-a-list"),
+]
+
+
+@pytest.mark.parametrize("structure", MALFORMED_TREES)
+def test_a_malformed_tree_is_corruption_not_a_crash(
+    tmp_path: Path, good_blob: bytes, structure: Any
+) -> None:
+    # The header digest is valid (forged the documented way): the structure itself is
+    # not one snapshotd writes, so loading must fail with SnapshotCorrupt, not KeyError.
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_forged(_set_meta("tree", json.dumps(structure)))(good_blob))
+
+    with pytest.raises(SnapshotCorrupt):
+        snapshotd.load(path)
+
+
+def test_forging_helper_reproduces_a_valid_file(tmp_path: Path, good_blob: bytes) -> None:
+    # Guards the rejection tests: an unchanged forged file must still be accepted.
+    blob = good_blob
+    path = tmp_path / "same.safetensors"
+
+    path.write_bytes(_forged(lambda document: None)(blob))
+
+    assert path.read_bytes() == blob
+    assert snapshotd.load(path)["a"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_digest_of_every_tensor_is_checked_on_load(tmp_path: Path) -> None:
+    state: dict[str, Array] = {"x": np.arange(3.0), "y": np.arange(4, dtype=np.int16)}
+    path = tmp_path / "d.safetensors"
+    snapshotd.save(path, state)
+    blob = bytearray(path.read_bytes())
+    document, _ = split(bytes(blob))
+    data_start = len(blob) - sum(v.nbytes for v in state.values())
+
+    for name in state:
+        damaged = bytearray(blob)
+        damaged[data_start + document[name]["data_offsets"][1] - 1] ^= 0x10
+        path.write_bytes(damaged)
+        with pytest.raises(SnapshotCorrupt, match=f"digest mismatch in tensor '{name}'"):
+            snapshotd.load(path)
