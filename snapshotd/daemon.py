@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
@@ -78,6 +79,8 @@ EXIT_IO_FAILURES = 5
 IO_TIMEOUT = 5.0
 STOP_TIMEOUT = 30.0
 _STORE_LOCK = ".daemon.lock"
+#: Snapshots that may run at once (each experiment has at most one in flight).
+_SNAPSHOT_WORKERS = 32
 
 
 @dataclass
@@ -131,7 +134,15 @@ class Daemon:
         self._budget = Budget(config.daemon.staging_budget)
         self._io_failures = 0
         self._exit_code = 0
-        self._scheduler = BackgroundScheduler(timezone=UTC)
+        # Snapshots run on their own pool, so experiments that hang until their timeout
+        # can delay neither the heartbeat nor the rescan on the default pool.
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={
+                "default": ThreadPoolExecutor(4),
+                "snapshots": ThreadPoolExecutor(_SNAPSHOT_WORKERS),
+            },
+        )
         self._lock_fd = -1
         #: True when stopping left a snapshot unfinished (the caller must not wait for it).
         self.abandoned = False
@@ -347,6 +358,7 @@ class Daemon:
             trigger,
             args=[name],
             id=name,
+            executor="snapshots",
             replace_existing=True,
             misfire_grace_time=None,
             coalesce=True,
