@@ -68,6 +68,8 @@ class Channel:
                 self.sock.settimeout(timeout)
                 sent = 0 if fd is None else socket.send_fds(self.sock, [frame], [fd])
                 self.sock.sendall(frame[sent:])
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise PeerUnreachable(self.name, "the process has gone away") from exc
             except OSError as exc:
                 raise PeerUnreachable(self.name, f"sending {message.TYPE} failed: {exc}") from exc
 
