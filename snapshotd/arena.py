@@ -33,8 +33,8 @@ class Arena:
         self.size = size
         self.fd = os.memfd_create(f"snapshotd-{label}", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self.fd, size)
-            # mmap cannot map zero bytes; an empty state still needs a valid descriptor.
+            # mmap cannot map zero bytes: an empty state gets a one-byte arena.
+            os.ftruncate(self.fd, max(size, 1))
             self._map = mmap.mmap(self.fd, max(size, 1), mmap.MAP_SHARED)
         except OSError:
             os.close(self.fd)

@@ -134,7 +134,16 @@ class StoreLocked(StoreError):
 
 
 class CommitFailed(StoreError):
-    """A commit was abandoned; no new version exists and older ones are untouched."""
+    """A commit was abandoned; no new version exists and older ones are untouched.
+
+    Attributes:
+        published: the file had already been renamed to its final name (and was then
+            withdrawn), so a reader may have seen that version number.
+    """
+
+    def __init__(self, message: str, path: str | None = None, *, published: bool = False) -> None:
+        super().__init__(message, path)
+        self.published = published
 
 
 class SnapshotCorrupt(StoreError):

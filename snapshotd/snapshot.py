@@ -112,7 +112,9 @@ def write(directory: Path, final_name: str, encoded: Encoded) -> None:
     except OSError as exc:
         # The file is visible but not known to be durable: withdraw it, never acknowledge.
         _unlink_quietly(directory / final_name)
-        raise CommitFailed(f"fsync of {directory} failed: {exc}", str(directory)) from exc
+        raise CommitFailed(
+            f"fsync of {directory} failed: {exc}", str(directory), published=True
+        ) from exc
     crashpoint("commit.after_fsync_dir")
 
 

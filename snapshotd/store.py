@@ -169,8 +169,15 @@ class Store:
                 "safe_point": safe_point,
                 "user": snapshot.user_metadata(metadata),
             }
-            snapshot.write(run, file_name(version), snapshot.encode(flat, fields))
-            os.pwrite(lock_fd, f"{version}\n".encode(), 0)
+            try:
+                snapshot.write(run, file_name(version), snapshot.encode(flat, fields))
+            except CommitFailed as exc:
+                # A commit withdrawn after its rename (the directory fsync failed) may have
+                # been seen by a reader: its number is never handed out again.
+                if exc.published:
+                    _record_version(lock_fd, version)
+                raise
+            _record_version(lock_fd, version)
         return version
 
     def recover(self) -> int:
@@ -283,7 +290,7 @@ class Store:
             candidates = self._prune_candidates(name, run, dry_run)
             decisions = retention.plan(candidates, policy)
             if not dry_run:
-                self._delete(run, [d.version for d in decisions if not d.keep])
+                self._delete(run, sorted(d.version for d in decisions if not d.keep))
         return decisions
 
     def _prune_candidates(self, name: str, run: Path, dry_run: bool) -> list[Version]:
@@ -414,6 +421,12 @@ def _listed(run: Path) -> list[tuple[int, Path]]:
         if match and entry.is_file(follow_symlinks=False):
             found.append((int(match.group(1)), Path(entry.path)))
     return sorted(found)
+
+
+def _record_version(lock_fd: int, version: int) -> None:
+    # Only a hint (the files are the record), so a failure to write it is not an error.
+    with contextlib.suppress(OSError):
+        os.pwrite(lock_fd, f"{version}\n".encode(), 0)
 
 
 def _read_verified(name: str, version: int, path: Path) -> snapshot.Loaded:
