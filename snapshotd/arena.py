@@ -13,6 +13,7 @@ caller has checked the layout against the descriptor's real size.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from collections.abc import Mapping
@@ -20,10 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from snapshotd.errors import RemoteProtocolError
 from snapshotd.format import Layout, Tensor
 from snapshotd.protocol import TensorEntry, TensorTable
 
 __all__ = ["Arena", "layout_of", "map_readonly", "table_of"]
+
+_SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
 class Arena:
@@ -31,10 +35,13 @@ class Arena:
 
     def __init__(self, size: int, label: str) -> None:
         self.size = size
-        self.fd = os.memfd_create(f"snapshotd-{label}", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(f"snapshotd-{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             # mmap cannot map zero bytes: an empty state gets a one-byte arena.
             os.ftruncate(self.fd, max(size, 1))
+            # Sealed against resizing: the reader maps it, and a file that shrank under a
+            # mapping would kill the reader with SIGBUS.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
             self._map = mmap.mmap(self.fd, max(size, 1), mmap.MAP_SHARED)
         except OSError:
             os.close(self.fd)
@@ -82,5 +89,18 @@ def layout_of(table: TensorTable) -> Layout:
 
 
 def map_readonly(fd: int, size: int) -> mmap.mmap:
-    """Map ``size`` bytes of ``fd`` read-only and shared (no copy is made)."""
-    return mmap.mmap(fd, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ)
+    """Map ``size`` bytes of a peer's sealed memfd read-only and shared (no copy).
+
+    Raises:
+        RemoteProtocolError: the descriptor is not a memfd sealed against resizing (a
+            peer could shrink it under our mapping and crash us with SIGBUS).
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        raise RemoteProtocolError(f"the descriptor is not sealable shared memory: {exc}") from exc
+    if seals & _SIZE_SEALS != _SIZE_SEALS:
+        raise RemoteProtocolError("the shared memory is not sealed against resizing")
+    if size == 0:
+        return mmap.mmap(-1, 1)  # nothing to read; mmap cannot map zero bytes of a file
+    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)

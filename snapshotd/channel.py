@@ -9,6 +9,7 @@ errors (``OSError``, timeouts) become :class:`PeerUnreachable` here, once.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import socket
@@ -23,6 +24,27 @@ __all__ = ["Channel", "connect"]
 
 _RECV_BYTES = 1 << 16
 _MAX_PENDING_FDS = 2
+_INT = array.array("i")
+
+
+def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """``recvmsg`` with descriptors marked close-on-exec as they arrive.
+
+    ``socket.recv_fds`` cannot do this (it ignores its flags on Python 3.11), and a
+    descriptor without ``FD_CLOEXEC`` would leak into every program we start.
+    """
+    space = socket.CMSG_SPACE(_MAX_PENDING_FDS * _INT.itemsize)
+    data, ancillary, flags, _addr = sock.recvmsg(_RECV_BYTES, space, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _INT.itemsize
+            fds.extend(array.array("i", payload[:usable]))
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise RemoteProtocolError("the peer sent more descriptors than a message may carry")
+    return data, fds
 
 
 def connect(path: os.PathLike[str] | str, name: str, timeout: float) -> Channel:
@@ -118,7 +140,7 @@ class Channel:
             raise PeerUnreachable(self.name, "timed out waiting for a message")
         try:
             self.sock.settimeout(remaining)
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, _RECV_BYTES, _MAX_PENDING_FDS)
+            data, fds = _recv_with_fds(self.sock)
         except OSError as exc:
             raise PeerUnreachable(self.name, f"receiving failed: {exc}") from exc
         self._fds.extend(fds)

@@ -256,7 +256,9 @@ def _store_from_daemon(runtime: Path) -> str | None:
 
 def _first_reply(channel: Channel) -> Reply | None:
     for _ in range(4):
-        message, _fd = channel.receive(IO_TIMEOUT)
+        message, fd = channel.receive(IO_TIMEOUT)
+        if fd is not None:
+            os.close(fd)
         if isinstance(message, Reply):
             return message
     return None
@@ -421,11 +423,17 @@ class Run:
     def _on_disconnect(self) -> None:
         self._busy = None  # a daemon that is gone no longer reads the arena
         with self._guard:
+            # Requests and pushes die with the connection that brought them: the daemon
+            # has already reported them as not done.
             self._pending = None
+            self._push = None
 
     def _on_push(self, push: Push, fd: int) -> None:
         try:
             tree = _read_push(push, fd)
+        except (SnapshotdError, ValueError, KeyError, TypeError, OSError) as exc:
+            self._service.send(PushDone(push.id, f"cannot read the pushed state: {exc}"))
+            return
         finally:
             os.close(fd)
         with self._guard:
@@ -613,8 +621,11 @@ class _Service:
 
     def _dispatch(self, message: Message, fd: int | None) -> None:
         run = self._run()
-        if run is None:
-            return
+        if run is None or (fd is not None and not isinstance(message, Push)):
+            if fd is not None:
+                os.close(fd)
+            if run is None:
+                return
         if isinstance(message, Hello):
             self.send(Hello("experiment", self.name, os.getpid()))
         elif isinstance(message, SnapshotRequest):

@@ -104,7 +104,9 @@ class ControlServer:
 
     def _conversation(self, channel: Channel) -> None:
         while True:
-            message, _fd = channel.receive(_IDLE_TIMEOUT)
+            message, fd = channel.receive(_IDLE_TIMEOUT)
+            if fd is not None:
+                os.close(fd)  # nothing on the control socket carries shared memory
             if isinstance(message, Hello):
                 channel.send(Hello("daemon", "control", os.getpid()), timeout=self._io_timeout)
             elif isinstance(message, Command):
@@ -150,7 +152,9 @@ def call(runtime: Path, verb: str, args: dict[str, Any] | None = None, *, timeou
         channel.send(Hello("cli", "control", os.getpid()), timeout=5.0)
         channel.send(Command(1, verb, args or {}), timeout=5.0)
         while True:
-            message, _fd = channel.receive(timeout)
+            message, fd = channel.receive(timeout)
+            if fd is not None:
+                os.close(fd)
             if isinstance(message, Reply) and message.id == 1:
                 break
     finally:

@@ -61,6 +61,8 @@ _FRAME = struct.Struct("<4sHHI")
 MAX_BODY = 64 << 20
 MAX_TENSORS = 1_000_000
 MAX_NDIM = 64
+#: Longest timeout a message may carry, in seconds (about 31 years).
+MAX_TIMEOUT = 1e9
 #: The dtypes that may cross the wire (the store's allow-list, by numpy name).
 DTYPES: Mapping[str, int] = {
     "bool": 1,
@@ -116,6 +118,10 @@ class TensorEntry:
 
     @classmethod
     def from_json(cls, item: Any) -> TensorEntry:
+        if not isinstance(item, list) or len(item) != 5 or not isinstance(item[2], list):
+            raise ValueError(
+                f"a tensor entry is [name, dtype, [shape], begin, end], not {item!r:.60}"
+            )
         name, dtype, shape, begin, end = item
         return cls(name, dtype, tuple(shape), _int(begin), _int(end))
 
@@ -269,6 +275,8 @@ class Push(Message):
     def __post_init__(self) -> None:
         if not self.timeout > 0:
             raise ValueError("timeout must be positive")
+        if not isinstance(self.version, int) or isinstance(self.version, bool):
+            raise ValueError("push.version must be a whole number")
 
     def raw(self) -> dict[str, str]:
         return _table_fields(self.table)
@@ -318,14 +326,24 @@ _TYPES: dict[str, type[Message]] = {
 
 def _build(cls: type[Message], body: dict[str, Any]) -> Message:
     names = {f.name for f in fields(cls)}
+    if "table" in body:
+        raise ValueError("unexpected field 'table'")
     if "table" in names:
         body = dict(body)
-        entries = tuple(TensorEntry.from_json(t) for t in body.pop("tensors"))
-        body["table"] = TensorTable(entries, _int(body.pop("arena_size")))
+        body["table"] = _table_from(body.pop("tensors"), body.pop("arena_size"))
     if not names >= body.keys():
         raise ValueError(f"unexpected fields {sorted(body.keys() - names)}")
     _check_types(cls, body)
     return cls(**body)
+
+
+def _table_from(tensors: Any, arena_size: Any) -> TensorTable:
+    # Check the count before building anything: a million entries cost seconds and memory.
+    if not isinstance(tensors, list):
+        raise ValueError("tensors must be a list")
+    if len(tensors) > MAX_TENSORS:
+        raise ValueError(f"{len(tensors)} tensors exceed the limit of {MAX_TENSORS}")
+    return TensorTable(tuple(TensorEntry.from_json(t) for t in tensors), _int(arena_size))
 
 
 _SCALAR_CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -334,7 +352,9 @@ _SCALAR_CHECKS: dict[str, Callable[[Any], bool]] = {
     "version": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
     "step": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
     "arena_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-    "timeout": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "timeout": lambda v: (
+        isinstance(v, int | float) and not isinstance(v, bool) and v <= MAX_TIMEOUT
+    ),
     "safe_point": lambda v: isinstance(v, bool),
     "ok": lambda v: isinstance(v, bool),
     "role": lambda v: isinstance(v, str),
@@ -372,6 +392,10 @@ def encode(message: Message) -> bytes:
         )
     except (TypeError, ValueError) as exc:
         raise LocalProtocolError(f"cannot encode {message.TYPE}: {exc}") from exc
+    try:
+        _check_types(type(message), message.body())
+    except ValueError as exc:
+        raise LocalProtocolError(str(exc)) from exc
     raw = message.raw()
     if raw:
         text = text[:-1] + "".join(f',"{key}":{value}' for key, value in raw.items()) + "}"
@@ -454,12 +478,28 @@ class Decoder:
         return int(length)
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("a key is repeated")
+    return document
+
+
 def _parse_body(body: bytes) -> Message:
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # UTF-8 only (json.loads would also take UTF-16/32 bytes); no NaN or Infinity;
+        # no repeated keys (JSON says the last one wins, which hides mistakes).
+        document = json.loads(
+            body.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
+        )
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise RemoteProtocolError(f"frame body is not JSON: {exc}") from exc
-    if not isinstance(document, dict) or document.get("type") not in _TYPES:
+    kind = document.get("type") if isinstance(document, dict) else None
+    if not isinstance(kind, str) or kind not in _TYPES:
         raise RemoteProtocolError(f"unknown message {str(document)[:80]!r}")
     cls = _TYPES[document.pop("type")]
     try:

@@ -28,7 +28,7 @@ from snapshotd import rendezvous
 from snapshotd.arena import Arena, layout_of, map_readonly, table_of
 from snapshotd.channel import Channel, connect
 from snapshotd.errors import PeerError, RemoteProtocolError, SnapshotSkipped
-from snapshotd.format import Layout
+from snapshotd.format import Layout, tensor_names
 from snapshotd.protocol import (
     Done,
     Hello,
@@ -41,7 +41,7 @@ from snapshotd.protocol import (
     check_arena,
 )
 from snapshotd.snapshot import Loaded
-from snapshotd.tree import Flat
+from snapshotd.tree import Flat, check_structure
 
 __all__ = ["Capture", "Experiment", "StagingBudgetExceeded"]
 
@@ -87,6 +87,20 @@ class Capture:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _check_tree(state: StateReady) -> None:
+    """The structure must be one we write and name exactly the tensors of the table.
+
+    Checked before committing: a file with a bad tree would only be found corrupt later.
+    """
+    try:
+        check_structure(state.structure)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"the state's structure is malformed: {exc}") from exc
+    named = sorted(tensor_names(state.structure))
+    if named != sorted(e.name for e in state.table.entries):
+        raise RemoteProtocolError("the state's structure and its tensors disagree")
 
 
 class Experiment:
@@ -139,10 +153,11 @@ class Experiment:
         """Ask for the state; wait up to ``timeout`` for a safe point.
 
         Raises:
-            SnapshotSkipped: the experiment reached no safe point in time (it said so, or
-                it stayed silent: then the connection is dropped).
+            SnapshotSkipped: the experiment reached no safe point in time (it said so).
             StagingBudgetExceeded: the state is larger than the staging budget.
-            PeerUnreachable, RemoteProtocolError: the connection failed; it is closed.
+            PeerUnreachable: the connection failed, or the experiment stayed silent past
+                ``timeout`` plus the I/O timeout; the connection is closed.
+            RemoteProtocolError: the experiment broke the protocol; the connection is closed.
         """
         channel = self._require()
         request = SnapshotRequest(next(self._ids), timeout)
@@ -168,6 +183,7 @@ class Experiment:
 
     def _map_state(self, state: StateReady, fd: int) -> Capture:
         try:
+            _check_tree(state)
             check_arena(state.table, os.fstat(fd).st_size)
             if self._budget is not None and state.table.size > self._budget:
                 raise StagingBudgetExceeded(
@@ -210,7 +226,8 @@ class Experiment:
                 next(self._ids), meta.version, meta.step, meta.structure, table_of(layout), timeout
             )
             channel.send(push, arena.fd, timeout=self._io_timeout)
-            reply = self._expect(channel, PushDone, timeout)
+            # The experiment answers at its deadline at the latest; allow for the trip.
+            reply = self._expect(channel, PushDone, timeout + self._io_timeout)
         except BaseException:
             self.close()
             raise
