@@ -103,4 +103,7 @@ def map_readonly(fd: int, size: int) -> mmap.mmap:
         raise RemoteProtocolError("the shared memory is not sealed against resizing")
     if size == 0:
         return mmap.mmap(-1, 1)  # nothing to read; mmap cannot map zero bytes of a file
-    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    try:
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except (OSError, ValueError) as exc:
+        raise RemoteProtocolError(f"the shared memory cannot be mapped: {exc}") from exc

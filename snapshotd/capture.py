@@ -98,13 +98,12 @@ def capture(
 
 
 def _commit(name: str, taken: Capture, store: Store, now: datetime) -> int:
-    flat = taken.flat()
-    try:
-        return store.commit_flat(
-            name, flat, step=taken.step, safe_point=taken.safe_point, created=now
+    # Written straight from the experiment's shared memory: the arena is already in the
+    # file's order, so the data section goes out as one buffer.
+    with taken.payload() as payload:
+        return store.commit_payload(
+            name, payload, step=taken.step, safe_point=taken.safe_point, created=now
         )
-    finally:
-        del flat  # the views must go before the mapping is closed
 
 
 def _deleted(decisions: list[Decision]) -> tuple[int, ...]:

@@ -177,14 +177,15 @@ def _reclaim_stale_socket(path: Path, name: str, claim: int) -> None:
     if not path.exists():
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
     try:
         probe.connect(os.fspath(path))
     except ConnectionRefusedError:
         path.unlink()  # stale: its process died without cleaning up
         return
-    except OSError:
-        path.unlink()
-        return
+    except OSError as exc:
+        os.close(claim)
+        raise UsageError(f"cannot check the old socket {path} of {name!r}: {exc}") from exc
     finally:
         probe.close()
     os.close(claim)
@@ -293,7 +294,7 @@ class Run:
         self._target = target
         self._runtime = runtime
         self._mode = consistency
-        self._allowed = allowed_uids or rendezvous.default_allowed_uids()
+        self._allowed = rendezvous.default_allowed_uids() if allowed_uids is None else allowed_uids
         self._mutex = threading.RLock()
         self._guard = threading.Lock()  # protects the fields below
         self._pending: _Pending | None = None
@@ -457,8 +458,9 @@ class Run:
             return
         try:
             self._target.set_state(push.push)
-        except SnapshotdError as exc:
-            self._service.send(PushDone(push.id, str(exc)))
+        except Exception as exc:  # the user's __setstate__ may raise anything
+            log.error("%s: the pushed snapshot was not applied: %s", self.name, exc)
+            self._service.send(PushDone(push.id, f"{type(exc).__name__}: {exc}"))
             return
         log.info("%s: restored a pushed snapshot", self.name)
         self._service.send(PushDone(push.id))

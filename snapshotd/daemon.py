@@ -65,7 +65,6 @@ from snapshotd.errors import (
     StoreError,
     StoreLocked,
 )
-from snapshotd.names import NAME_PATTERN
 from snapshotd.sdnotify import Notifier
 from snapshotd.store import Store
 from snapshotd.transport import Experiment, StagingBudgetExceeded
@@ -280,7 +279,8 @@ class Daemon:
             signal.signal(sig, lambda signum, _frame: self._events.put(signum))
 
     def _allowed_uids(self) -> frozenset[int]:
-        return self.config.daemon.allowed_uids or rendezvous.default_allowed_uids()
+        uids = self.config.daemon.allowed_uids
+        return rendezvous.default_allowed_uids() if uids is None else uids
 
     # -- discovery -----------------------------------------------------------------------
 
@@ -297,13 +297,7 @@ class Daemon:
             self._untrack_if_gone(name)
 
     def _socket_names(self) -> set[str]:
-        folder = rendezvous.experiments_dir(self.runtime)
-        try:
-            entries = os.listdir(folder)
-        except FileNotFoundError:
-            return set()
-        names = {e[: -len(".sock")] for e in entries if e.endswith(".sock")}
-        return {n for n in names if NAME_PATTERN.fullmatch(n)}
+        return rendezvous.registered_names(self.runtime)
 
     def _track(self, name: str) -> None:
         experiment = Experiment(

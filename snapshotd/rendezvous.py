@@ -25,6 +25,7 @@ Security rules, each with its reason:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import stat
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotd.errors import PeerRefused, UsageError
-from snapshotd.names import check_name
+from snapshotd.names import NAME_PATTERN, check_name
 
 __all__ = [
     "Peer",
@@ -47,6 +48,7 @@ __all__ = [
     "experiment_socket",
     "experiments_dir",
     "peer_of",
+    "registered_names",
     "runtime_dir",
 ]
 
@@ -72,7 +74,34 @@ def experiments_dir(runtime: Path) -> Path:
 
 
 def experiment_socket(runtime: Path, name: str) -> Path:
-    return experiments_dir(runtime) / f"{check_name(name)}.sock"
+    """The socket of experiment ``name``.
+
+    Normally ``<name>.sock``. A socket path may not exceed 107 bytes, and names may be
+    128 characters long, so a name that does not fit is shortened and tagged with a hash
+    of the whole name (``<prefix>~<hash>.sock``; ``~`` never occurs in a name, so the two
+    forms cannot collide). The lock file always carries the whole name.
+    """
+    folder = experiments_dir(runtime)
+    plain = folder / f"{check_name(name)}.sock"
+    if len(os.fsencode(plain)) <= MAX_SOCKET_PATH:
+        return plain
+    tag = hashlib.sha256(name.encode()).hexdigest()[:16]
+    room = MAX_SOCKET_PATH - len(os.fsencode(folder)) - len(f"/~{tag}.sock")
+    if room < 1:
+        return plain  # bind_private refuses it, saying to shorten the runtime directory
+    return folder / f"{name[:room]}~{tag}.sock"
+
+
+def registered_names(runtime: Path) -> set[str]:
+    """Names with a lock file and a socket in the runtime directory (live or stale)."""
+    try:
+        entries = os.listdir(experiments_dir(runtime))
+    except FileNotFoundError:
+        return set()
+    names = {e[: -len(".lock")] for e in entries if e.endswith(".lock")}
+    return {
+        n for n in names if NAME_PATTERN.fullmatch(n) and experiment_socket(runtime, n).exists()
+    }
 
 
 def experiment_lock(runtime: Path, name: str) -> Path:

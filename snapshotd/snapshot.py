@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +51,7 @@ from snapshotd.tree import Flat, flatten, unflatten
 __all__ = [
     "Encoded",
     "Loaded",
+    "Payload",
     "encode",
     "fsync_directory",
     "load",
@@ -78,13 +79,47 @@ class Encoded:
         return len(self.header) + sum(b.nbytes for b in self.buffers)
 
 
-def encode(flat: Flat, meta_fields: dict[str, Any]) -> Encoded:
-    """Lay out ``flat``, digest every tensor and build the header (no copy of the data)."""
-    layout = Layout.plan(flat.arrays)
-    buffers = tuple(_bytes_of(flat.arrays[t.name]) for t in layout.tensors)
-    digests = {t.name: digest(b) for t, b in zip(layout.tensors, buffers, strict=True)}
-    meta = Meta(structure=flat.structure, **meta_fields)
-    return Encoded(encode_header(layout, meta, digests), buffers)
+@dataclass(frozen=True)
+class Payload:
+    """What a snapshot holds: a layout, a tree structure and the data, in file order.
+
+    ``buffers`` concatenated are the data section: either one buffer per tensor (a
+    flattened state) or one contiguous buffer for all of them (an experiment's arena,
+    whose offsets are the file's), which is written in one piece.
+    """
+
+    layout: Layout
+    structure: Any
+    buffers: tuple[memoryview, ...]
+
+    @classmethod
+    def of_flat(cls, flat: Flat) -> Payload:
+        layout = Layout.plan(flat.arrays)
+        buffers = tuple(_bytes_of(flat.arrays[t.name]) for t in layout.tensors)
+        return cls(layout, flat.structure, buffers)
+
+    @classmethod
+    def of_arena(cls, layout: Layout, data: memoryview, structure: Any) -> Payload:
+        return cls(layout, structure, (data[: layout.data_size],))
+
+    def tensor_bytes(self) -> Iterator[memoryview]:
+        """Each tensor's bytes, in layout order."""
+        if len(self.buffers) == len(self.layout.tensors):
+            yield from self.buffers
+            return
+        (data,) = self.buffers
+        for tensor in self.layout.tensors:
+            yield data[tensor.begin : tensor.end]
+
+
+def encode(payload: Payload, meta_fields: dict[str, Any]) -> Encoded:
+    """Digest every tensor and build the header (no copy of the data)."""
+    digests = {
+        t.name: digest(b)
+        for t, b in zip(payload.layout.tensors, payload.tensor_bytes(), strict=True)
+    }
+    meta = Meta(structure=payload.structure, **meta_fields)
+    return Encoded(encode_header(payload.layout, meta, digests), payload.buffers)
 
 
 def _bytes_of(array: np.ndarray[Any, Any]) -> memoryview:
@@ -279,7 +314,7 @@ def save(
     target = Path(path)
     state = state_of(obj)
     meta = _standalone_meta(target.stem, step, metadata)
-    write(target.parent, target.name, encode(flatten(state), meta))
+    write(target.parent, target.name, encode(Payload.of_flat(flatten(state)), meta))
 
 
 def _standalone_meta(

@@ -156,7 +156,27 @@ class Store:
         safe_point: bool | None = None,
         created: datetime | None = None,
     ) -> int:
-        """:meth:`commit` for a state that is already flattened (the daemon's path)."""
+        """:meth:`commit` for a state that is already flattened."""
+        return self.commit_payload(
+            name,
+            snapshot.Payload.of_flat(flat),
+            step=step,
+            metadata=metadata,
+            safe_point=safe_point,
+            created=created,
+        )
+
+    def commit_payload(
+        self,
+        name: str,
+        payload: snapshot.Payload,
+        *,
+        step: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        safe_point: bool | None = None,
+        created: datetime | None = None,
+    ) -> int:
+        """:meth:`commit` for laid-out data (the daemon writes an arena this way)."""
         run = self._run_dir(check_name(name), create=True)
         with self._locked(run) as lock_fd:
             _remove_temporaries(run)
@@ -170,7 +190,7 @@ class Store:
                 "user": snapshot.user_metadata(metadata),
             }
             try:
-                snapshot.write(run, file_name(version), snapshot.encode(flat, fields))
+                snapshot.write(run, file_name(version), snapshot.encode(payload, fields))
             except CommitFailed as exc:
                 # A commit withdrawn after its rename (the directory fsync failed) may have
                 # been seen by a reader: its number is never handed out again.
@@ -338,8 +358,8 @@ class Store:
             _write_npz(target, loaded.arrays)
         else:
             fields = _fields_of(loaded.header)
-            flat = Flat(loaded.arrays, loaded.header.meta.structure)
-            snapshot.write(target.parent, target.name, snapshot.encode(flat, fields))
+            payload = snapshot.Payload.of_flat(Flat(loaded.arrays, loaded.header.meta.structure))
+            snapshot.write(target.parent, target.name, snapshot.encode(payload, fields))
         return loaded.header.meta.version
 
     # -- internals -------------------------------------------------------------------

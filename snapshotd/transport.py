@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +40,7 @@ from snapshotd.protocol import (
     StateReady,
     check_arena,
 )
-from snapshotd.snapshot import Loaded
+from snapshotd.snapshot import Loaded, Payload
 from snapshotd.tree import Flat, check_structure
 
 __all__ = ["Capture", "Experiment", "StagingBudgetExceeded"]
@@ -68,6 +68,16 @@ class Capture:
     @property
     def nbytes(self) -> int:
         return self.layout.data_size
+
+    @contextlib.contextmanager
+    def payload(self) -> Iterator[Payload]:
+        """The state as one contiguous buffer in file order (the arena), for writing.
+
+        The buffer is a view of the read-only mapping, valid inside the ``with`` only.
+        """
+        assert self._map is not None
+        with memoryview(self._map) as view:
+            yield Payload.of_arena(self.layout, view, self.structure)
 
     def flat(self) -> Flat:
         """The state as named arrays: read-only views of the shared memory (no copy)."""
@@ -118,7 +128,9 @@ class Experiment:
         self.name = name
         self.path = path
         self.pid: int | None = None
-        self._allowed = frozenset(allowed_uids or rendezvous.default_allowed_uids())
+        self._allowed = frozenset(
+            rendezvous.default_allowed_uids() if allowed_uids is None else allowed_uids
+        )
         self._io_timeout = io_timeout
         self._budget = staging_budget
         self._channel: Channel | None = None
@@ -192,9 +204,14 @@ class Experiment:
                     f"of {self._budget} bytes",
                 )
             mapped = map_readonly(fd, state.table.size)
-        except BaseException:
+        except StagingBudgetExceeded:
             os.close(fd)
             self.done(state.id, error="refused by the daemon")
+            raise
+        except BaseException:
+            # A peer that lies about its memory is not talked to again.
+            os.close(fd)
+            self.close()
             raise
         layout = layout_of(state.table)
         return Capture(state.id, state.step, state.safe_point, state.structure, layout, fd, mapped)
