@@ -1,22 +1,9 @@
-"""The ``snapshotd`` command line: parse, load the config, call the store, print, exit.
+"""The ``snapshotd`` command line: parse, load the config, call the store or the daemon.
 
-Exit codes are part of the interface (docs/CLI.md):
-
-====  ==========================================================================
-0     success
-1     ``verify`` found at least one bad snapshot
-2     usage or configuration error (nothing was done)
-3     no snapshot (or no good snapshot) to act on
-4     the store failed: an I/O error, a lock, a file we cannot read
-5     no daemon is running (``status``, ``snapshot``, ``restore NAME``); for
-      ``start``: it stopped after repeated I/O failures (systemd restarts it)
-6     the experiment is not registered, did not answer, or skipped the snapshot
-====  ==========================================================================
-
-``restore NAME -- CMD ARGS...`` exits with CMD's own exit code.
-
-User errors print one line to stderr starting with ``snapshotd:`` and never a
-traceback. ``--json`` on the read commands prints one JSON document to stdout.
+Exit codes are part of the interface; they live in :mod:`snapshotd.exitcode` with the
+table of their meanings (docs and README repeat it). User errors print one line to
+stderr starting with ``snapshotd:`` and never a traceback. ``--json`` on the read
+commands prints one JSON document to stdout.
 """
 
 from __future__ import annotations
@@ -33,12 +20,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from snapshotd import config as configuration
-from snapshotd import control, rendezvous
+from snapshotd import control, exitcode, rendezvous
 from snapshotd.errors import (
-    ConfigError,
     DaemonError,
     NoSnapshot,
-    PeerError,
     PeerUnreachable,
     SnapshotdError,
     UsageError,
@@ -47,13 +32,11 @@ from snapshotd.store import Check, Store, Version
 
 __all__ = ["main"]
 
-EXIT_OK = 0
-EXIT_BAD_SNAPSHOT = 1
-EXIT_USAGE = 2
-EXIT_NO_SNAPSHOT = 3
-EXIT_STORE = 4
-EXIT_NO_DAEMON = 5
-EXIT_EXPERIMENT = 6
+EXIT_OK = exitcode.OK
+EXIT_BAD_SNAPSHOT = exitcode.BAD_SNAPSHOT
+EXIT_USAGE = exitcode.USAGE
+EXIT_STORE = exitcode.STORE
+EXIT_NO_DAEMON = exitcode.NO_DAEMON
 
 Handler = Callable[[argparse.Namespace, TextIO], int]
 
@@ -61,8 +44,16 @@ Handler = Callable[[argparse.Namespace, TextIO], int]
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run one command; return its exit code."""
     out = out or sys.stdout
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is the command of `restore NAME -- CMD ARGS...`,
+    # taken out before parsing so that options may follow NAME in any order.
+    command = words[words.index("--") + 1 :] if "--" in words else []
+    words = words[: words.index("--")] if "--" in words else words
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(words)
+    args.cmd = command
+    if command and args.command != "restore":
+        parser.error("'-- CMD ARGS...' goes with restore only")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _show_warning
@@ -71,26 +62,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return handler(args, out)
         except SnapshotdError as exc:
             print(f"snapshotd: {exc}", file=sys.stderr)
-            return _exit_code(exc)
+            return exitcode.of(exc)
         except BrokenPipeError:
             return EXIT_OK
         except OSError as exc:
             print(f"snapshotd: {exc}", file=sys.stderr)
             return EXIT_STORE
-
-
-def _exit_code(exc: SnapshotdError) -> int:
-    if isinstance(exc, DaemonError):
-        return exc.code
-    if isinstance(exc, ConfigError | UsageError):
-        return EXIT_USAGE
-    if isinstance(exc, NoSnapshot):
-        return EXIT_NO_SNAPSHOT
-    if isinstance(exc, PeerUnreachable) and exc.name == "daemon":
-        return EXIT_NO_DAEMON
-    if isinstance(exc, PeerError):
-        return EXIT_EXPERIMENT
-    return EXIT_STORE
 
 
 def _show_warning(
@@ -168,7 +145,7 @@ def _add_restore(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     sub.add_argument("name", help="experiment")
     sub.add_argument("--version", type=int, help="version (default: the newest good one)")
-    sub.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    sub.epilog = "restore NAME [--version V] -- CMD ARGS...: start CMD resuming from it"
 
 
 def _command(
@@ -351,9 +328,8 @@ def _snapshot(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _restore(args: argparse.Namespace, out: TextIO) -> int:
-    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if command:
-        return _restore_by_starting(args, command)
+    if args.cmd:
+        return _restore_by_starting(args, args.cmd)
     loaded, _runtime_dir = _runtime(args)
     wait = loaded.daemon.timeout.total_seconds() if loaded else 60.0
     result = _call(

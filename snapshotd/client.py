@@ -79,6 +79,8 @@ log = logging.getLogger("snapshotd.client")
 
 #: How long one message may take to arrive once it has started, or to be sent.
 IO_TIMEOUT = 5.0
+#: Connections not yet greeted that we keep; older ones are closed.
+_MAX_NEWCOMERS = 4
 _MODES = ("auto", "step", "lock", "none")
 
 
@@ -524,6 +526,7 @@ class _Service:
         self._listener = listener
         self._claim = claim
         self._channel: Channel | None = None
+        self._newcomers: list[Channel] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
         self._stopped = threading.Event()
@@ -563,6 +566,8 @@ class _Service:
         for closer in (self._listener.close, self._drop):
             with contextlib.suppress(OSError):
                 closer()
+        for newcomer in self._newcomers:
+            newcomer.close()
         for fd in (self._wake_r, self._wake_w, self._claim):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -593,6 +598,8 @@ class _Service:
                 self._accept(selector)
             elif key.data == "message":
                 self._read(selector)
+            elif isinstance(key.data, Channel):
+                self._greet(selector, key.data)
 
     def _accept(self, selector: selectors.BaseSelector) -> None:
         sock, _addr = self._listener.accept()
@@ -603,10 +610,38 @@ class _Service:
             log.warning("%s: refused a connection: %s", self.name, exc)
             sock.close()
             return
-        if self._channel is not None:  # a restarted daemon replaces the old connection
+        # A newcomer is not the daemon's session until it says hello: a connection that
+        # only probes whether we are alive must not replace the session in use.
+        newcomer = Channel(sock, "daemon")
+        self._newcomers.append(newcomer)
+        selector.register(sock, selectors.EVENT_READ, newcomer)
+        while len(self._newcomers) > _MAX_NEWCOMERS:
+            self._forget(selector, self._newcomers[0])
+
+    def _greet(self, selector: selectors.BaseSelector, newcomer: Channel) -> None:
+        try:
+            message, fd = newcomer.receive(IO_TIMEOUT)
+            if fd is not None:
+                os.close(fd)
+            if not isinstance(message, Hello) or message.role != "daemon":
+                raise RemoteProtocolError(f"expected a hello from the daemon, got {message.TYPE}")
+        except (PeerError, RemoteProtocolError) as exc:
+            log.debug("%s: a connection ended before its hello: %s", self.name, exc)
+            self._forget(selector, newcomer)
+            return
+        self._newcomers.remove(newcomer)
+        selector.unregister(newcomer.sock)
+        if self._channel is not None:  # a restarted daemon replaces the old session
             self._drop(selector)
-        self._channel = Channel(sock, "daemon")
-        selector.register(self._channel.sock, selectors.EVENT_READ, "message")
+        self._channel = newcomer
+        selector.register(newcomer.sock, selectors.EVENT_READ, "message")
+        self.send(Hello("experiment", self.name, os.getpid()))
+
+    def _forget(self, selector: selectors.BaseSelector, newcomer: Channel) -> None:
+        self._newcomers.remove(newcomer)
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(newcomer.sock)
+        newcomer.close()
 
     def _read(self, selector: selectors.BaseSelector) -> None:
         channel = self._channel

@@ -438,6 +438,14 @@ def _yaml(text: str) -> object:
         document = yaml.safe_load(text)
         if document is not None:
             _no_duplicates(yaml.compose(text, Loader=yaml.SafeLoader), "", set())
+    except yaml.constructor.ConstructorError as exc:
+        # A tag safe_load refuses (!!python/object/apply...): nothing was built or run.
+        mark = exc.problem_mark
+        path = _path_at(text, mark) if mark else ""
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            path, f"refused{where}: {exc.problem} (only plain YAML values are allowed)"
+        ) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -447,6 +455,26 @@ def _yaml(text: str) -> object:
     except RecursionError as exc:
         raise ConfigError("", "invalid YAML: nested too deeply") from exc
     return document
+
+
+def _path_at(text: str, mark: yaml.Mark) -> str:
+    """The key path of the value at ``mark`` (composing builds nodes, never objects)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return ""
+    return _find(root, (mark.line, mark.column), "")
+
+
+def _find(node: yaml.Node | None, where: tuple[int, int], path: str) -> str:
+    if not isinstance(node, yaml.MappingNode):
+        return path
+    for key, value in node.value:
+        start = (value.start_mark.line, value.start_mark.column)
+        end = (value.end_mark.line, value.end_mark.column)
+        if start <= where <= end:
+            return _find(value, where, _join(path, key.value))
+    return path
 
 
 def _no_duplicates(node: yaml.Node | None, path: str, seen: set[int]) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from snapshotd import rendezvous
+from snapshotd import exitcode, rendezvous
 from snapshotd.channel import Channel, connect
 from snapshotd.errors import (
     DaemonError,
@@ -117,10 +117,8 @@ class ControlServer:
     def _answer(self, command: Command) -> Reply:
         try:
             result = self._handler(command.verb, dict(command.args))
-        except DaemonError as exc:
-            return Reply(command.id, False, error=str(exc), code=exc.code)
         except SnapshotdError as exc:
-            return Reply(command.id, False, error=str(exc), code=1)
+            return Reply(command.id, False, error=str(exc), code=exitcode.of(exc))
         except Exception as exc:  # a bug in a handler must not take the daemon down
             log.exception("control: %s failed", command.verb)
             return Reply(command.id, False, error=f"internal error: {exc!r}", code=1)

@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,11 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from snapshotd import config as configuration
-from snapshotd import rendezvous
+from snapshotd import exitcode, rendezvous
 from snapshotd.capture import Budget, capture
 from snapshotd.control import ControlServer
 from snapshotd.discovery import Watcher
@@ -74,12 +75,13 @@ __all__ = ["EXIT_IO_FAILURES", "Daemon"]
 log = logging.getLogger("snapshotd.daemon")
 
 #: Exit code after ``max_io_failures`` consecutive failed commits (systemd restarts us).
-EXIT_IO_FAILURES = 5
+EXIT_IO_FAILURES = exitcode.NO_DAEMON
 IO_TIMEOUT = 5.0
 STOP_TIMEOUT = 30.0
 _STORE_LOCK = ".daemon.lock"
 #: Snapshots that may run at once (each experiment has at most one in flight).
 _SNAPSHOT_WORKERS = 32
+_NEW_SOCKET_GRACE = 2.0
 
 
 @dataclass
@@ -129,6 +131,7 @@ class Daemon:
         self._notifier = Notifier(environ)
         self._events: queue.SimpleQueue[str | int] = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
+        self._refused: dict[str, float] = {}  # name -> when its socket first refused us
         self._guard = threading.Lock()
         self._budget = Budget(config.daemon.staging_budget)
         self._io_failures = 0
@@ -295,6 +298,8 @@ class Daemon:
             self._untrack(name, "its socket is gone")
         for name in sorted(known & present):
             self._untrack_if_gone(name)
+        for name in set(self._refused) - present:
+            del self._refused[name]
 
     def _socket_names(self) -> set[str]:
         return rendezvous.registered_names(self.runtime)
@@ -307,18 +312,45 @@ class Daemon:
             io_timeout=IO_TIMEOUT,
         )
         if not _listening(experiment.path):
-            return  # a stale socket: its process is gone; the next register reclaims it
+            self._retry_soon(name)
+            return  # stale (its process is gone), or bound but not listening yet
+        self._refused.pop(name, None)
         tracked = _Tracked(name, experiment)
         with self._guard:
             self._tracked[name] = tracked
         self._schedule(name)
         log.info("%s: discovered; %s", name, self._describe_schedule(name))
 
+    def _retry_soon(self, name: str) -> None:
+        """Look again shortly at a socket that refused us when it was new.
+
+        A peer may create its socket file a moment before it listens. Such a socket is
+        retried every 0.2 s for two seconds; after that it is taken to be stale and is
+        only looked at by the regular rescan.
+        """
+        first = self._refused.setdefault(name, time.monotonic())
+        if time.monotonic() - first < _NEW_SOCKET_GRACE:
+            when = datetime.now(UTC) + timedelta(seconds=0.2)
+            self._scheduler.add_job(
+                lambda: self._events.put("rescan"), DateTrigger(run_date=when, timezone=UTC)
+            )
+
     def _untrack_if_gone(self, name: str) -> None:
+        """Drop an experiment whose process has died (its socket file stays behind)."""
         with self._guard:
             tracked = self._tracked.get(name)
-        idle = tracked is not None and not tracked.experiment.connected
-        if idle and tracked is not None and not _listening(tracked.experiment.path):
+        if tracked is None or not tracked.in_flight.acquire(blocking=False):
+            return  # a snapshot in flight will find out for itself
+        try:
+            experiment = tracked.experiment
+            gone = (
+                experiment.peer_closed()
+                if experiment.connected
+                else not _listening(experiment.path)
+            )
+        finally:
+            tracked.in_flight.release()
+        if gone:
             self._untrack(name, "its process is gone")
 
     def _untrack(self, name: str, why: str) -> None:
@@ -375,7 +407,7 @@ class Daemon:
         tracked = self._get(name)
         timeout = self.config.daemon.timeout.total_seconds()
         if not tracked.in_flight.acquire(timeout=timeout + IO_TIMEOUT if wait else 0):
-            raise DaemonError(f"{name}: a snapshot is already in flight", code=6)
+            raise DaemonError(f"{name}: a snapshot is already in flight", code=exitcode.EXPERIMENT)
         try:
             return self._snapshot_locked(tracked, timeout)
         finally:
@@ -423,7 +455,7 @@ class Daemon:
         log.log(level, "%s: snapshot not taken: %s", tracked.name, exc)
         if isinstance(exc, PeerUnreachable) and not _listening(tracked.experiment.path):
             self._events.put("rescan")
-        raise DaemonError(f"snapshot of {tracked.name} not taken: {exc}", code=6)
+        raise DaemonError(f"snapshot of {tracked.name} not taken: {exc}", code=exitcode.EXPERIMENT)
 
     def _count_io_failure(self) -> None:
         self._io_failures += 1
@@ -472,6 +504,12 @@ class Daemon:
                 source=new.source,
             )
         self.config = new
+        self._budget.limit = new.daemon.staging_budget
+        logging.getLogger().setLevel(new.daemon.log_level.upper())
+        self._scheduler.reschedule_job(
+            "rescan",
+            trigger=IntervalTrigger(seconds=new.daemon.rescan.total_seconds(), timezone=UTC),
+        )
         with self._guard:
             names = list(self._tracked)
         for name in names:
@@ -490,7 +528,7 @@ class Daemon:
             return self.snapshot(_name_arg(args), wait=True)
         if verb == "restore":
             return self.restore(_name_arg(args), args.get("version"))
-        raise DaemonError(f"unknown command {verb!r}", code=2)
+        raise DaemonError(f"unknown command {verb!r}", code=exitcode.USAGE)
 
     def status(self) -> dict[str, Any]:
         with self._guard:
@@ -516,15 +554,17 @@ class Daemon:
         """Push the newest good (or the given) version into the running experiment."""
         tracked = self._get(name)
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-            raise DaemonError("version must be a whole number", code=2)
+            raise DaemonError("version must be a whole number", code=exitcode.USAGE)
         loaded = self.store.read(name, version)
         timeout = self.config.daemon.timeout.total_seconds()
         if not tracked.in_flight.acquire(timeout=timeout):
-            raise DaemonError(f"{name}: busy with a snapshot", code=6)
+            raise DaemonError(f"{name}: busy with a snapshot", code=exitcode.EXPERIMENT)
         try:
             tracked.experiment.push(loaded, timeout)
         except (PeerError, ProtocolError) as exc:
-            raise DaemonError(f"{name}: restore not applied: {exc}", code=6) from exc
+            raise DaemonError(
+                f"{name}: restore not applied: {exc}", code=exitcode.EXPERIMENT
+            ) from exc
         finally:
             tracked.in_flight.release()
         meta = loaded.header.meta
@@ -540,14 +580,16 @@ class Daemon:
         with self._guard:
             tracked = self._tracked.get(name)
         if tracked is None:
-            raise DaemonError(f"no experiment named {name!r} is registered", code=6)
+            raise DaemonError(
+                f"no experiment named {name!r} is registered", code=exitcode.EXPERIMENT
+            )
         return tracked
 
 
 def _name_arg(args: dict[str, Any]) -> str:
     name = args.get("name")
     if not isinstance(name, str):
-        raise DaemonError("the command needs an experiment name", code=2)
+        raise DaemonError("the command needs an experiment name", code=exitcode.USAGE)
     return name
 
 

@@ -25,8 +25,10 @@ Security rules, each with its reason:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import secrets
 import socket
 import stat
 import struct
@@ -135,22 +137,34 @@ def ensure_private_dir(path: Path) -> None:
 
 
 def bind_private(path: Path, backlog: int = 16) -> socket.socket:
-    """A listening path socket at ``path`` with mode 0600 (``path`` must not exist)."""
+    """A listening path socket at ``path`` with mode 0600 (``path`` must not exist).
+
+    The socket is bound under a temporary name, starts listening, and only then is
+    linked as ``path``: whoever sees the file appear (the daemon's watcher) can connect
+    at once instead of being refused by a socket that is not listening yet.
+
+    Raises:
+        FileExistsError: ``path`` exists.
+    """
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise UsageError(
             f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
             "use a shorter runtime directory (SNAPSHOTD_RUNTIME_DIR)"
         )
+    staging = path.with_name(f".bind-{secrets.token_hex(4)}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
-        sock.bind(os.fspath(path))
+        sock.bind(os.fspath(staging))
+        sock.listen(backlog)
+        os.link(staging, path)  # unlike rename, fails if path exists (EEXIST)
     except OSError:
         sock.close()
         raise
     finally:
         os.umask(old)
-    sock.listen(backlog)
+        with contextlib.suppress(OSError):
+            staging.unlink()
     return sock
 
 

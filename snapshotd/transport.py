@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import mmap
 import os
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,24 @@ class Experiment:
             raise
         layout = layout_of(state.table)
         return Capture(state.id, state.step, state.safe_point, state.structure, layout, fd, mapped)
+
+    def peer_closed(self) -> bool:
+        """True if the connected experiment has hung up (checked without blocking).
+
+        Call only while no request is in flight on this connection.
+        """
+        channel = self._channel
+        if channel is None:
+            return False
+        try:
+            # Non-blocking for real: with a timeout set, Python would wait for data first.
+            channel.sock.settimeout(0.0)
+            data = channel.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return data == b""
 
     def done(self, request: int, version: int | None = None, error: str | None = None) -> None:
         """Tell the experiment its arena is free again (and what became of the snapshot)."""

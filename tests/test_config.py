@@ -465,7 +465,7 @@ def test_python_tags_are_refused_not_executed(tmp_path: Path, tag: str) -> None:
     config_file.write_text(f'store: {tag} ["touch {canary}"]\n')
     with pytest.raises(ConfigError) as caught:
         load(config_file)
-    assert caught.value.key_path == ""
+    assert caught.value.key_path == "store"
     assert "line 1" in str(caught.value)
     assert tag.lstrip("!").split(":")[0] in str(caught.value)
     assert not canary.exists()

@@ -55,7 +55,8 @@ def test_golden_file_opens_in_the_safetensors_package() -> None:
     tensors = safetensors.numpy.load_file(str(GOLDEN))
     np.testing.assert_array_equal(tensors["W"], expected_state()["W"])
     pairs = tensors["c128"]
-    assert pairs.dtype == np.float64 and pairs.shape == (1, 2, 2)
+    assert pairs.dtype == np.float64
+    assert pairs.shape == (1, 2, 2)
     raw = GOLDEN.read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert header["__metadata__"]["snapshotd.format"] == "snapshotd/1"

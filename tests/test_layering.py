@@ -25,6 +25,7 @@ RANKS: dict[str, int] = {
     # 1-2: pure values and logic (no files, sockets or clock)
     "names": 1,
     "crashpoint": 1,
+    "exitcode": 1,
     "tree": 1,
     "retention": 1,
     "target": 1,
@@ -61,7 +62,7 @@ FOREIGN: dict[str, set[str]] = {
 ALWAYS_ALLOWED = {"numpy"}
 PURE_FORBIDDEN = {"socket", "fcntl", "subprocess", "time", "threading", "signal"}
 #: Modules that must stay pure (crashpoint is a process hook, so it is not among them).
-PURE = ["names", "tree", "retention", "target", "format", "config", "protocol"]
+PURE = ["exitcode", "names", "tree", "retention", "target", "format", "config", "protocol"]
 CLOCK_READS = re.compile(r"\.(now|utcnow|today)\(|\btime\.(time|monotonic)\(")
 
 

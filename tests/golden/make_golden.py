@@ -23,7 +23,7 @@ GOLDEN = Path(__file__).with_name("format-v1.safetensors")
 CREATED = datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)
 
 
-def expected_state() -> dict[str, Any]:
+def expected_state() -> dict[str | int, Any]:
     """The state stored in the golden file, rebuilt from code."""
     return {
         "W": np.arange(784 * 10, dtype=np.float32).reshape(784, 10) / 7.0,

@@ -1,0 +1,389 @@
+"""The command line as a user runs it: real ``snapshotd`` processes, exit codes, output.
+
+SPEC §3: every command takes ``--config``; ``list``, ``verify`` and ``export`` work with
+no daemon; a usage or config error exits 2 with one line naming the key path, never a
+traceback. Exit codes are those of ``snapshotd/cli.py``'s docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from tests.daemon_harness import Sandbox, clean_env, snapshotd_command, wait_until
+
+EXIT_OK, EXIT_BAD, EXIT_USAGE, EXIT_NO_SNAPSHOT, EXIT_NO_DAEMON, EXIT_EXPERIMENT = 0, 1, 2, 3, 5, 6
+
+
+def state(t: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int]:
+    """A small state whose every value depends on ``t``."""
+    return (np.full((4, 3), float(t)), np.arange(5, dtype=np.int32) + t, t)
+
+
+def assert_one_clean_line(result: subprocess.CompletedProcess[str]) -> str:
+    """A user error: exactly one line on stderr, starting ``snapshotd:``, no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("snapshotd: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def box() -> Iterator[Sandbox]:
+    with Sandbox() as sandbox:
+        sandbox.write_config()
+        yield sandbox
+
+
+@pytest.fixture
+def filled(box: Sandbox) -> Sandbox:
+    """A store with alpha v1..v3 (steps 10, 20, 30) and beta v1, written without a daemon."""
+    store = box.store
+    for t in (10, 20, 30):
+        store.commit("alpha", state(t), step=t)
+    store.commit("beta", state(99), step=99)
+    return box
+
+
+# -- configuration errors ------------------------------------------------------------
+
+BAD_CONFIGS = {
+    "unknown top-level key": ("schedul:\n  every: 1s\n", "schedul", "'schedul'"),
+    "unknown daemon key": ("daemon: {timeout: 2s, retries: 3}\n", "daemon.retries", "'retries'"),
+    "unknown key in an override": (
+        'experiments:\n  "m-*":\n    keep: {lst: 2}\n',
+        "experiments.m-*.keep.lst",
+        "'lst'",
+    ),
+    "bad duration": ("schedule: {every: 10 minutes}\n", "schedule.every", "'10 minutes'"),
+    "bad daemon duration": ("daemon: {timeout: soon}\n", "daemon.timeout", "'soon'"),
+    "wrong type: string for a count": ("keep: {last: five}\n", "keep.last", "'five'"),
+    "wrong type: scalar for a mapping": ("schedule: 10m\n", "schedule", "'10m'"),
+    "wrong type: string for a daemon count": (
+        "daemon: {max_io_failures: '3'}\n",
+        "daemon.max_io_failures",
+        "'3'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_start_with_a_bad_config_exits_2_naming_the_key_path(box: Sandbox, case: str) -> None:
+    body, key_path, bad_value = BAD_CONFIGS[case]
+    box.config.write_text(f"store: ./store\nruntime_dir: ./run\n{body}")
+    result = box.cli("start", timeout=30)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    line = assert_one_clean_line(result)
+    assert line.startswith(f"snapshotd: {key_path}: "), line
+    assert bad_value in line, line
+    # The daemon did not start: nothing was created.
+    assert not box.runtime.exists()
+    assert not box.store_dir.exists()
+
+
+TAGS = {
+    "apply": '!!python/object/apply:os.system ["touch {canary}"]',
+    "new": '!!python/object/new:subprocess.call [["touch", "{canary}"]]',
+    "name": "!!python/name:os.system",
+}
+
+
+@pytest.mark.parametrize("tag", sorted(TAGS))
+def test_start_refuses_a_python_tag_and_runs_nothing(box: Sandbox, tag: str) -> None:
+    canary = box.root / "canary"
+    value = TAGS[tag].format(canary=canary)
+    box.config.write_text(f"store: ./store\nruntime_dir: ./run\ndaemon:\n  log_level: {value}\n")
+    result = box.cli("start", timeout=30)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    line = assert_one_clean_line(result)
+    assert "python/" in line, line  # it says which tag it refused
+    assert not canary.exists(), "the YAML tag was executed"
+    assert not box.runtime.exists()
+
+
+def test_a_python_tag_error_names_its_key_path(box: Sandbox) -> None:
+    # SPEC §4: "A config error names the key path". For an unknown tag the message names
+    # only the whole document ("config:") and a line/column.
+    canary = box.root / "canary"
+    box.config.write_text(
+        "store: ./store\nruntime_dir: ./run\ndaemon:\n"
+        f'  log_level: !!python/object/apply:os.system ["touch {canary}"]\n'
+    )
+    result = box.cli("start", timeout=30)
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result)
+    assert line.startswith("snapshotd: daemon.log_level: "), line
+
+
+def test_missing_config_file_exits_2(box: Sandbox) -> None:
+    result = box.cli("list", "--config", str(box.root / "nowhere.yaml"))
+    assert result.returncode == EXIT_USAGE
+    line = assert_one_clean_line(result)
+    assert "nowhere.yaml" in line
+
+
+# -- read commands without a daemon ---------------------------------------------------
+
+
+def test_status_without_a_daemon_exits_5(box: Sandbox) -> None:
+    result = box.cli("status")
+    assert result.returncode == EXIT_NO_DAEMON, result.stderr
+    assert "not running" in result.stdout
+    as_json = box.cli("status", "--json")
+    assert as_json.returncode == EXIT_NO_DAEMON
+    assert json.loads(as_json.stdout) == {"running": False}
+
+
+@pytest.mark.parametrize("command", [("snapshot", "alpha"), ("restore", "alpha")])
+def test_daemon_commands_without_a_daemon_exit_5(filled: Sandbox, command: tuple[str, str]) -> None:
+    result = filled.cli(*command)
+    assert result.returncode == EXIT_NO_DAEMON, result.stderr
+    line = assert_one_clean_line(result)
+    assert "no daemon" in line
+
+
+def test_list_works_without_a_daemon(filled: Sandbox) -> None:
+    result = filled.cli("list")
+    assert result.returncode == EXIT_OK, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert rows[0][:3] == ["NAME", "VERSION", "CREATED"]
+    assert [(r[0], r[1]) for r in rows[1:]] == [
+        ("alpha", "1"),
+        ("alpha", "2"),
+        ("alpha", "3"),
+        ("beta", "1"),
+    ]
+    listed = json.loads(filled.cli("list", "alpha", "--json").stdout)
+    assert [(v["name"], v["version"], v["step"], v["problem"]) for v in listed] == [
+        ("alpha", 1, 10, None),
+        ("alpha", 2, 20, None),
+        ("alpha", 3, 30, None),
+    ]
+
+
+def test_read_commands_take_a_store_without_any_config(filled: Sandbox) -> None:
+    # README: list, verify and export also take --store DIR (no config file needed).
+    for command in (["list", "--json"], ["verify"], ["export", "beta", "-o", "beta.npz"]):
+        result = subprocess.run(
+            [*snapshotd_command(), command[0], "--store", str(filled.store_dir), *command[1:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=filled.root,
+            env=clean_env({"SNAPSHOTD_CONFIG": str(filled.root / "absent.yaml")}),
+        )
+        assert result.returncode == EXIT_OK, (command, result.stderr)
+    assert (filled.root / "beta.npz").exists()
+
+
+def test_verify_works_without_a_daemon_and_exits_1_on_a_bad_snapshot(filled: Sandbox) -> None:
+    good = filled.cli("verify")
+    assert good.returncode == EXIT_OK, good.stderr
+    assert good.stdout.strip().splitlines()[-1] == "4 checked, 0 bad"
+    victim = filled.store.versions("alpha")[1].path
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF  # one bit pattern in the last array's data
+    victim.write_bytes(bytes(data))
+    bad = filled.cli("verify", "--json")
+    assert bad.returncode == EXIT_BAD, bad.stderr
+    report = json.loads(bad.stdout)
+    assert (report["checked"], report["bad"]) == (4, 1)
+    assert [(s["name"], s["version"]) for s in report["snapshots"] if not s["ok"]] == [("alpha", 2)]
+    assert victim.exists(), "verify is read-only: it must not move the bad file"
+
+
+def test_export_works_without_a_daemon(filled: Sandbox) -> None:
+    npz = filled.root / "alpha.npz"
+    result = filled.cli("export", "alpha", "-o", str(npz))
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "v3" in result.stdout
+    with np.load(npz, allow_pickle=False) as exported:
+        arrays = sorted((exported[k] for k in exported.files), key=lambda a: a.ndim)
+    W, b, _t = state(30)
+    assert [a.tobytes() for a in arrays] == [b.tobytes(), W.tobytes()]
+    older = filled.root / "alpha-v1.safetensors"
+    result = filled.cli("export", "alpha", "--version", "1", "-o", str(older))
+    assert result.returncode == EXIT_OK, result.stderr
+    tensors = safetensors.numpy.load_file(str(older))
+    assert sorted(a.tobytes() for a in tensors.values()) == sorted(
+        a.tobytes() for a in state(10)[:2]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("export", "alpha", "-o", "out.txt"), EXIT_USAGE),
+        (("export", "gamma", "-o", "out.npz"), EXIT_NO_SNAPSHOT),
+        (("export", "alpha", "--version", "99", "-o", "out.npz"), EXIT_NO_SNAPSHOT),
+        (("restore", "gamma", "--", sys.executable, "-c", "pass"), EXIT_NO_SNAPSHOT),
+        (("list", "bad/name"), EXIT_USAGE),
+    ],
+)
+def test_refusals_have_their_exit_codes(filled: Sandbox, args: tuple[str, ...], code: int) -> None:
+    result = filled.cli(*args)
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert_one_clean_line(result)
+
+
+RESUME_PROBE = (
+    "import os, sys; "
+    "ok = os.environ.get('SNAPSHOTD_RESUME') == '2' and os.environ.get('SNAPSHOTD_STORE'); "
+    "sys.exit(7 if ok else 1)"
+)
+
+
+def test_restore_with_a_command_runs_it_resuming_and_passes_its_exit_code(
+    filled: Sandbox,
+) -> None:
+    result = filled.cli(
+        "restore", "--version", "2", "alpha", "--", sys.executable, "-c", RESUME_PROBE
+    )
+    assert result.returncode == 7, result.stderr
+
+
+def test_restore_accepts_version_after_the_name_as_documented(filled: Sandbox) -> None:
+    # SPEC §3 and the README write it `restore NAME [--version V] -- CMD ARGS...`, but the
+    # parser's REMAINDER after NAME swallows `--version 2` as the command to run.
+    result = filled.cli(
+        "restore", "alpha", "--version", "2", "--", sys.executable, "-c", RESUME_PROBE
+    )
+    assert result.returncode == 7, result.stderr
+
+
+# -- prune ------------------------------------------------------------------------------
+
+
+def test_prune_dry_run_says_why_and_deletes_nothing_then_prune_applies_keep(box: Sandbox) -> None:
+    for t in range(1, 7):
+        box.store.commit("alpha", state(t), step=t)
+    dry = box.cli("prune", "--dry-run", "--json")
+    assert dry.returncode == EXIT_OK, dry.stderr
+    decisions = {d["version"]: d for d in json.loads(dry.stdout)}
+    assert {v for v, d in decisions.items() if d["keep"]} == {4, 5, 6}
+    assert all(d["reasons"] == [] for v, d in decisions.items() if v < 4)
+    assert "newest" in decisions[6]["reasons"]
+    assert any(r.startswith("last ") for r in decisions[4]["reasons"])
+    assert box.versions("alpha") == [1, 2, 3, 4, 5, 6]
+    text = box.cli("prune", "--dry-run").stdout
+    assert "alpha v1: would delete" in text
+    assert re.search(r"alpha v5: keep \(.*last 2/3", text), text
+    real = box.cli("prune")
+    assert real.returncode == EXIT_OK, real.stderr
+    assert "alpha v3: deleted" in real.stdout
+    assert box.versions("alpha") == [4, 5, 6]
+
+
+def test_prune_keeps_pinned_versions(box: Sandbox) -> None:
+    box.write_config(keep={"last": 2, "pinned": [1]})
+    for t in range(1, 6):
+        box.store.commit("alpha", state(t), step=t)
+    result = box.cli("prune", "alpha")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert box.versions("alpha") == [1, 4, 5]
+    assert "alpha v1: keep (pinned)" in result.stdout
+
+
+# -- with a daemon ------------------------------------------------------------------------
+
+
+def test_snapshot_prints_the_new_version_and_status_lists_the_experiment(box: Sandbox) -> None:
+    box.write_config(schedule={"every": "1h"}, keep={"last": 3})
+    daemon = box.start_daemon()
+    exp = box.start_experiment("exp", "--print-every", "10")
+    wait_until(lambda: daemon.experiment("exp"), 5, "the daemon to discover exp")
+    printed = []
+    for _ in range(4):
+        result = box.cli("snapshot", "exp")
+        assert result.returncode == EXIT_OK, result.stderr
+        printed.append(int(result.stdout.strip()))
+    assert printed == [1, 2, 3, 4]
+    assert box.versions("exp") == [2, 3, 4]  # keep last 3, applied after each snapshot
+    as_json = json.loads(box.cli("snapshot", "exp", "--json").stdout)
+    assert as_json["version"] == 5
+    assert as_json["pruned"] == [2]
+    assert isinstance(as_json["step"], int)
+
+    status = box.cli("status", "--json")
+    assert status.returncode == EXIT_OK, status.stderr
+    document = json.loads(status.stdout)
+    assert document["running"] is True
+    assert document["pid"] == daemon.pid
+    (entry,) = document["experiments"]
+    assert (entry["name"], entry["pid"], entry["last_version"]) == ("exp", exp.pid, 5)
+    assert entry["schedule"] == "every 1h"
+    table = box.cli("status").stdout
+    assert re.search(rf"^exp\s+{exp.pid}\s+every 1h\s+5\s", table, re.M), table
+
+    unknown = box.cli("snapshot", "nosuch")
+    assert unknown.returncode == EXIT_EXPERIMENT
+    assert "is registered" in assert_one_clean_line(unknown)
+    assert daemon.stop() == 0
+    assert exp.finish() == 0
+
+
+@pytest.fixture
+def served(box: Sandbox) -> Sandbox:
+    """A daemon (manual snapshots only) with the experiment exp and its version 1."""
+    box.write_config(schedule={"every": "1h"})
+    daemon = box.start_daemon()
+    box.start_experiment("exp")
+    wait_until(lambda: daemon.experiment("exp"), 5, "the daemon to discover exp")
+    assert box.cli("snapshot", "exp").stdout.strip() == "1"
+    return box
+
+
+def test_push_restore_prints_what_it_restored(served: Sandbox) -> None:
+    result = served.cli("restore", "--version", "1", "exp")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert re.fullmatch(r"restored exp v1 \(step \d+\)\n", result.stdout), result.stdout
+
+
+def test_push_restore_accepts_version_after_the_name_as_documented(served: Sandbox) -> None:
+    # `snapshotd restore NAME [--version V]` (SPEC §3): the parser takes `--version 1`
+    # for a command to start instead of an option.
+    result = served.cli("restore", "exp", "--version", "1")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.startswith("restored exp v1 "), result.stdout
+
+
+def test_push_restore_of_a_missing_version_exits_3(served: Sandbox) -> None:
+    # cli.py: exit 3 is "no snapshot (or no good snapshot) to act on".
+    result = served.cli("restore", "--version", "99", "exp")
+    assert_one_clean_line(result)
+    assert result.returncode == EXIT_NO_SNAPSHOT, result.stderr
+
+
+def test_push_restore_into_an_unknown_experiment_exits_6(served: Sandbox) -> None:
+    result = served.cli("restore", "nosuch")
+    assert result.returncode == EXIT_EXPERIMENT, result.stderr
+    assert "is registered" in assert_one_clean_line(result)
+
+
+def test_commands_read_the_config_relative_to_its_own_directory(
+    box: Sandbox, tmp_path: Path
+) -> None:
+    # store and runtime_dir in the config are relative to the config file, not the cwd.
+    box.config.write_text("store: ./store\nruntime_dir: ./run\n")
+    box.store.commit("alpha", state(1), step=1)
+    result = subprocess.run(
+        [*snapshotd_command(), "list", "--config", str(box.config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == EXIT_OK, result.stderr
+    assert [v["version"] for v in json.loads(result.stdout)] == [1]
