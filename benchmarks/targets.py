@@ -1,0 +1,113 @@
+"""The performance targets of the issue, as data: evaluated and reported, never asserted.
+
+Each condition compares a case with a reference measured in the same run on the same
+state: ``ratio = reference time / case time`` per round, and its median decides
+(>= threshold, or > for a strict condition). A ratio above 1 means the case is faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.harness import Result, paired_ratio
+
+__all__ = ["TARGETS", "Condition", "Target", "evaluate"]
+
+
+@dataclass(frozen=True)
+class Condition:
+    case: str
+    reference: str
+    threshold: float
+    text: str
+    strict: bool = False
+
+    @property
+    def requirement(self) -> str:
+        return f"{'>' if self.strict else '>='} {self.threshold:g}x"
+
+
+@dataclass(frozen=True)
+class Target:
+    id: str
+    text: str
+    state: str
+    conditions: tuple[Condition, ...]
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(
+        "S1",
+        "Store.commit of state a (512 MiB) >= 0.85x raw write+fsync of the same bytes",
+        "a",
+        (Condition("snapshotd.store_commit", "limit.write_fsync", 0.85, "vs raw write+fsync"),),
+    ),
+    Target(
+        "S2",
+        "verified Store.load of state a >= 0.8x cached read, and faster than safetensors",
+        "a",
+        (
+            Condition("snapshotd.store_load", "limit.read_cached", 0.8, "vs cached read"),
+            Condition(
+                "snapshotd.store_load",
+                "peer.safetensors_load",
+                1.0,
+                "vs safetensors load_file",
+                strict=True,
+            ),
+        ),
+    ),
+    Target(
+        "S3",
+        "Store.commit of state d (20,000 x 1 KiB) no slower than pickle.dump + fsync",
+        "d",
+        (Condition("snapshotd.store_commit", "peer.pickle_dump_fsync", 1.0, "vs pickle + fsync"),),
+    ),
+)
+
+
+def evaluate(results: Mapping[tuple[str, str], Result]) -> list[dict[str, Any]]:
+    """Every target with its conditions' ratios and verdicts (None: could not measure)."""
+    evaluated = []
+    for target in TARGETS:
+        conditions = []
+        for condition in target.conditions:
+            measured = results.get((condition.case, target.state))
+            reference = results.get((condition.reference, target.state))
+            ratio = None
+            if measured is not None and reference is not None:
+                ratio = paired_ratio(reference, measured)
+            verdict = None
+            if ratio is not None:
+                verdict = (
+                    ratio.median > condition.threshold
+                    if condition.strict
+                    else ratio.median >= condition.threshold
+                )
+            conditions.append(
+                {
+                    "case": condition.case,
+                    "reference": condition.reference,
+                    "text": condition.text,
+                    "requirement": condition.requirement,
+                    "threshold": condition.threshold,
+                    "strict": condition.strict,
+                    "ratio": None if ratio is None else ratio.median,
+                    "ratio_min": None if ratio is None else ratio.min,
+                    "ratio_max": None if ratio is None else ratio.max,
+                    "pass": verdict,
+                }
+            )
+        verdicts = [c["pass"] for c in conditions]
+        evaluated.append(
+            {
+                "id": target.id,
+                "text": target.text,
+                "state": target.state,
+                "conditions": conditions,
+                "pass": None if None in verdicts else all(verdicts),
+            }
+        )
+    return evaluated
