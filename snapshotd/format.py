@@ -24,6 +24,7 @@ over buffers it is given. Reading and writing files is the store's job.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -89,7 +90,7 @@ def digest(buffer: Any) -> str:
     return xxhash.xxh3_128_hexdigest(buffer)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tensor:
     """One tensor of a layout: its logical dtype and shape and where its bytes lie.
 
@@ -108,10 +109,23 @@ class Tensor:
 
     def stored(self) -> tuple[str, list[int]]:
         """The safetensors ``dtype`` code and ``shape`` this tensor is written with."""
-        name = self.dtype.name
-        if name in _AS_PAIRS:
-            return _AS_PAIRS[name], [*self.shape, 2]
-        return _SAFETENSORS_DTYPES[name], list(self.shape)
+        code, paired = _code(self.dtype)
+        return code, [*self.shape, 2] if paired else list(self.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _code(dtype: np.dtype[Any]) -> tuple[str, bool]:
+    """safetensors code of a dtype, and whether it is stored as pairs (cached: ``dtype.name``
+    is slow and a state may hold tens of thousands of arrays)."""
+    name = dtype.name
+    if name in _AS_PAIRS:
+        return _AS_PAIRS[name], True
+    return _SAFETENSORS_DTYPES[name], False
+
+
+@functools.lru_cache(maxsize=64)
+def _little(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    return dtype.newbyteorder("<")
 
 
 @dataclass(frozen=True)
@@ -127,10 +141,23 @@ class Layout:
         order = sorted(arrays.items(), key=lambda item: -_alignment(item[1].dtype))
         tensors, offset = [], 0
         for name, array in order:
-            dtype = array.dtype.newbyteorder("<")
-            tensors.append(Tensor(name, dtype, tuple(array.shape), offset, offset + array.nbytes))
-            offset += array.nbytes
+            nbytes = array.nbytes
+            tensors.append(Tensor(name, _little(array.dtype), array.shape, offset, offset + nbytes))
+            offset += nbytes
         return cls(tuple(tensors), offset)
+
+    @functools.cached_property
+    def entries_json(self) -> str:
+        """The header's tensor entries as JSON members (``"name":{...},...``), built once."""
+        members = []
+        for tensor in self.tensors:
+            code, shape = tensor.stored()
+            dims = ",".join(map(str, shape))
+            members.append(
+                f'{_compact(tensor.name)}:{{"dtype":"{code}","shape":[{dims}],'
+                f'"data_offsets":[{tensor.begin},{tensor.end}]}}'
+            )
+        return ",".join(members)
 
     def views(self, buffer: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
         """Typed views of ``buffer`` (uint8, the data section) per tensor; no copy."""
@@ -143,7 +170,7 @@ class Layout:
         return len(arrays) == len(self.tensors) and all(
             t.name in arrays
             and arrays[t.name].shape == t.shape
-            and arrays[t.name].dtype.newbyteorder("<") == t.dtype
+            and _little(arrays[t.name].dtype) == t.dtype
             for t in self.tensors
         )
 
@@ -186,15 +213,9 @@ class Header:
 
 def encode_header(layout: Layout, meta: Meta, digests: Mapping[str, str]) -> bytes:
     """The complete header region: length prefix, JSON, padding to the 64-byte boundary."""
-    document: dict[str, Any] = {"__metadata__": _metadata(layout, meta, digests)}
-    for tensor in layout.tensors:
-        code, shape = tensor.stored()
-        document[tensor.name] = {
-            "dtype": code,
-            "shape": shape,
-            "data_offsets": [tensor.begin, tensor.end],
-        }
-    text = json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode()
+    metadata = _compact(_metadata(layout, meta, digests))
+    tensors = layout.entries_json
+    text = f'{{"__metadata__":{metadata}{"," if tensors else ""}{tensors}}}'.encode()
     padded = len(text) + (-(8 + len(text)) % ALIGN)
     region = bytearray(struct.pack("<Q", padded) + text.ljust(padded, b" "))
     at = region.index(_DIGEST_FIELD) + len(_DIGEST_FIELD)
@@ -203,7 +224,7 @@ def encode_header(layout: Layout, meta: Meta, digests: Mapping[str, str]) -> byt
 
 
 def _metadata(layout: Layout, meta: Meta, digests: Mapping[str, str]) -> dict[str, str]:
-    special = {t.name: t.dtype.name for t in layout.tensors if t.dtype.name in _AS_PAIRS}
+    special = {t.name: t.dtype.name for t in layout.tensors if _code(t.dtype)[1]}
     fields = {
         "format": FORMAT,
         "name": meta.name,
@@ -213,12 +234,22 @@ def _metadata(layout: Layout, meta: Meta, digests: Mapping[str, str]) -> dict[st
         "safe_point": {None: "", True: "true", False: "false"}[meta.safe_point],
         "tree": _compact(meta.structure),
         "digest": DIGEST_ALGORITHM,
-        "digests": _compact({t.name: digests[t.name] for t in layout.tensors}),
+        "digests": _compact(digests if _in_order(digests, layout) else _ordered(digests, layout)),
         "dtypes": _compact(special),
         "user": _compact(dict(meta.user)),
         "header_digest": _ZERO_DIGEST,
     }
     return {_PREFIX + key: value for key, value in fields.items()}
+
+
+def _in_order(digests: Mapping[str, str], layout: Layout) -> bool:
+    return len(digests) == len(layout.tensors) and all(
+        a == t.name for a, t in zip(digests, layout.tensors, strict=False)
+    )
+
+
+def _ordered(digests: Mapping[str, str], layout: Layout) -> dict[str, str]:
+    return {t.name: digests[t.name] for t in layout.tensors}
 
 
 def _compact(value: object) -> str:
