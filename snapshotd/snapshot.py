@@ -93,8 +93,11 @@ class Payload:
     buffers: tuple[memoryview, ...]
 
     @classmethod
-    def of_flat(cls, flat: Flat) -> Payload:
-        layout = Layout.plan(flat.arrays)
+    def of_flat(cls, flat: Flat, previous: Layout | None = None) -> Payload:
+        """Lay ``flat`` out; ``previous`` is reused when the shapes have not changed
+        (planning, and encoding the header's tensor entries, cost per-array work)."""
+        fits = previous is not None and previous.matches(flat.arrays)
+        layout = previous if fits and previous is not None else Layout.plan(flat.arrays)
         buffers = tuple(_bytes_of(flat.arrays[t.name]) for t in layout.tensors)
         return cls(layout, flat.structure, buffers)
 
@@ -122,9 +125,13 @@ def encode(payload: Payload, meta_fields: dict[str, Any]) -> Encoded:
     return Encoded(encode_header(payload.layout, meta, digests), payload.buffers)
 
 
+_EMPTY = memoryview(b"")
+
+
 def _bytes_of(array: np.ndarray[Any, Any]) -> memoryview:
-    # reshape(-1) keeps 0-d and empty arrays viewable; the array is contiguous already.
-    return array.reshape(-1).view(np.uint8).data
+    # The array is C-contiguous already (tree.flatten sees to it); cast() refuses shapes
+    # with a zero in them, and an empty array has no bytes anyway.
+    return array.data.cast("B") if array.size else _EMPTY
 
 
 def write(directory: Path, final_name: str, encoded: Encoded) -> None:

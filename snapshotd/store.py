@@ -50,7 +50,7 @@ from snapshotd.errors import (
     StoreError,
     UsageError,
 )
-from snapshotd.format import Header
+from snapshotd.format import Header, Layout
 from snapshotd.names import check_name
 from snapshotd.target import adapt, state_of
 from snapshotd.tree import Flat, flatten
@@ -108,6 +108,8 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser()
+        # The last layout committed per run: a state whose shapes did not change reuses it.
+        self._layouts: dict[str, Layout] = {}
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -157,9 +159,11 @@ class Store:
         created: datetime | None = None,
     ) -> int:
         """:meth:`commit` for a state that is already flattened."""
+        payload = snapshot.Payload.of_flat(flat, self._layouts.get(name))
+        self._layouts[name] = payload.layout
         return self.commit_payload(
             name,
-            snapshot.Payload.of_flat(flat),
+            payload,
             step=step,
             metadata=metadata,
             safe_point=safe_point,
