@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     started = time.perf_counter()
+    started_utc = datetime.now(UTC).isoformat(timespec="seconds")
     root = Path(tempfile.mkdtemp(prefix=".snapshotd-bench-", dir=base))
     machine = describe_machine(root)
     results: dict[tuple[str, str], Result] = {}
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup": args.warmup,
         "only": list(args.only),
         "states": [s.key for s in specs],
-        "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "started_utc": started_utc,
     }
     document = to_json(
         machine=machine,

@@ -123,6 +123,25 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _virtualized() -> bool | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return "hypervisor" in line.split()
+    except OSError:
+        pass
+    return None
+
+
+def _damon_active() -> bool:
+    """Whether a DAMON monitor runs: its schemes may page out idle page cache."""
+    states = Path("/sys/kernel/mm/damon/admin/kdamonds").glob("*/state")
+    try:
+        return any(p.read_text().strip() == "on" for p in states)
+    except OSError:
+        return False
+
+
 def _mem_total() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -182,6 +201,7 @@ def describe_machine(workdir: Path) -> dict[str, Any]:
     usage = shutil.disk_usage(workdir)
     return {
         "cpu_model": _cpu_model(),
+        "virtualized": _virtualized(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)),
         "ram_bytes": _mem_total(),
@@ -191,6 +211,7 @@ def describe_machine(workdir: Path) -> dict[str, Any]:
         "filesystem_options": mount.options,
         "filesystem_free_bytes": usage.free,
         "transparent_hugepages": _read_first_line("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "damon_active": _damon_active(),
         "versions": _versions(),
         "git_revision": _git_revision(),
         "executable_is_venv": sys.prefix != sys.base_prefix,
