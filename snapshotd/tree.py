@@ -241,15 +241,22 @@ class _Flattener:
                     _where(trail), "masked arrays are not supported (store data and mask)"
                 )
             value = np.asarray(value)
-        if value.dtype not in _CHECKED:
+        swap = _SWAP.get(value.dtype)
+        if swap is None:
             check_dtype(value.dtype, _where(trail))
-            _CHECKED.add(value.dtype)
-        name = self.unique_name(trail)
-        self.arrays[name] = _little_endian_contiguous(value)
+            swap = _SWAP[value.dtype] = _needs_swap(value.dtype)
+        if swap:
+            value = value.astype(value.dtype.newbyteorder("<"))
+        elif not value.flags.c_contiguous:
+            # A copy in C order (np.ascontiguousarray would turn 0-d into 1-d).
+            value = value.copy(order="C")
+        name = _name(trail)
+        if name in self.arrays or name in _RESERVED:
+            name = self.unique_name(name)
+        self.arrays[name] = value
         return name
 
-    def unique_name(self, trail: tuple[Any, ...]) -> str:
-        base = "/".join([_component(part) for part in trail]) or "state"
+    def unique_name(self, base: str) -> str:
         name, n = base, 1
         while name in self.arrays or name in _RESERVED:
             n += 1
@@ -264,25 +271,23 @@ def _float_node(value: float) -> Structure:
     return {"f": repr(value)}
 
 
-#: dtypes that passed :func:`check_dtype` (there are only a few dozen possible).
-_CHECKED: set[np.dtype[Any]] = set()
+#: dtypes that passed :func:`check_dtype`, each with whether it must be byte-swapped to
+#: little-endian (there are only a few dozen possible dtypes).
+_SWAP: dict[np.dtype[Any], bool] = {}
+
+
+def _needs_swap(dtype: np.dtype[Any]) -> bool:
+    return dtype.byteorder == ">" or (dtype.byteorder == "=" and not _NATIVE_LITTLE)
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _component(part: object) -> str:
+def _name(trail: tuple[Any, ...]) -> str:
+    """The tensor name of a path: its components percent-escaped, joined by ``/``."""
     # surrogatepass: a str key may hold lone surrogates (from undecodable file names).
-    return quote(str(part), safe="", errors="surrogatepass")
+    parts = [quote(str(part), safe="", errors="surrogatepass") for part in trail]
+    return "/".join(parts) or "state"
 
 
 def _where(trail: tuple[Any, ...]) -> str:
     """The path of a node as Python would index it: ``state['opt'][2]``."""
     return "state" + "".join(f"[{part!r}]" for part in trail)
-
-
-def _little_endian_contiguous(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    # Conversions copy; a contiguous little-endian array passes through as a view.
-    order = array.dtype.byteorder
-    if order == ">" or (order == "=" and not _NATIVE_LITTLE):
-        array = array.astype(array.dtype.newbyteorder("<"))
-    # np.ascontiguousarray would turn a 0-d array into a 1-d one.
-    return array if array.flags.c_contiguous else array.copy(order="C")
