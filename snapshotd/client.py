@@ -69,6 +69,7 @@ from snapshotd.protocol import (
     TensorTable,
     check_arena,
 )
+from snapshotd.snapshot import paused_gc
 from snapshotd.store import Store
 from snapshotd.target import Target, adapt
 from snapshotd.tree import flatten, unflatten
@@ -493,7 +494,8 @@ class _Capture:
     def take(
         self, target: Target, request: int, step: int | None, safe_point: bool
     ) -> tuple[StateReady, int]:
-        flat = flatten(target.get_state())
+        with paused_gc():
+            flat = flatten(target.get_state())
         if self.layout is None or not self.layout.matches(flat.arrays):
             self._relayout(Layout.plan(flat.arrays))
         assert self.arena is not None

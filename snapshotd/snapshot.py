@@ -23,6 +23,8 @@ This module also holds the store-less library functions :func:`save` and :func:`
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import secrets
 import stat
@@ -55,6 +57,7 @@ __all__ = [
     "encode",
     "fsync_directory",
     "load",
+    "paused_gc",
     "read",
     "read_header",
     "save",
@@ -65,6 +68,26 @@ __all__ = [
 TMP_PREFIX = ".tmp."
 _IOV_MAX = 1024
 _READ_CHUNK = 64 << 20
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while a state is flattened and encoded.
+
+    A state of 20,000 arrays makes ~100,000 short-lived, acyclic containers (structure
+    nodes, names, views); each allocation threshold crossed triggers a collection pass
+    that scans them all again, which cost a snapshot of that state 10-30 ms here. Nothing
+    made in between is cyclic, so nothing is lost by collecting afterwards. A program
+    that turned the collector off itself keeps it off.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @dataclass(frozen=True)
@@ -319,9 +342,10 @@ def save(
         CommitFailed: an I/O error; an existing file at ``path`` is left as it was.
     """
     target = Path(path)
-    state = state_of(obj)
     meta = _standalone_meta(target.stem, step, metadata)
-    write(target.parent, target.name, encode(Payload.of_flat(flatten(state)), meta))
+    with paused_gc():
+        encoded = encode(Payload.of_flat(flatten(state_of(obj))), meta)
+    write(target.parent, target.name, encoded)
 
 
 def _standalone_meta(

@@ -138,10 +138,11 @@ class Store:
             StateError: the state holds something that cannot be stored.
             CommitFailed: an I/O error; no new version exists, older ones are untouched.
         """
-        tree = state_of(state)
+        with snapshot.paused_gc():
+            flat = flatten(state_of(state))
         return self.commit_flat(
             name,
-            flatten(tree),
+            flat,
             step=step,
             metadata=metadata,
             safe_point=safe_point,
@@ -159,7 +160,8 @@ class Store:
         created: datetime | None = None,
     ) -> int:
         """:meth:`commit` for a state that is already flattened."""
-        payload = snapshot.Payload.of_flat(flat, self._layouts.get(name))
+        with snapshot.paused_gc():
+            payload = snapshot.Payload.of_flat(flat, self._layouts.get(name))
         self._layouts[name] = payload.layout
         return self.commit_payload(
             name,
@@ -194,7 +196,9 @@ class Store:
                 "user": snapshot.user_metadata(metadata),
             }
             try:
-                snapshot.write(run, file_name(version), snapshot.encode(payload, fields))
+                with snapshot.paused_gc():
+                    encoded = snapshot.encode(payload, fields)
+                snapshot.write(run, file_name(version), encoded)
             except CommitFailed as exc:
                 # A commit withdrawn after its rename (the directory fsync failed) may have
                 # been seen by a reader: its number is never handed out again.
