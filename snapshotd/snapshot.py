@@ -140,10 +140,8 @@ class Payload:
 
 def encode(payload: Payload, meta_fields: dict[str, Any]) -> Encoded:
     """Digest every tensor and build the header (no copy of the data)."""
-    digests = {
-        t.name: digest(b)
-        for t, b in zip(payload.layout.tensors, payload.tensor_bytes(), strict=True)
-    }
+    # In layout order, which is the order the header lists them in.
+    digests = dict(zip(payload.layout.names, map(digest, payload.tensor_bytes()), strict=True))
     meta = Meta(structure=payload.structure, **meta_fields)
     return Encoded(encode_header(payload.layout, meta, digests), payload.buffers)
 
