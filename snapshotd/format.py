@@ -193,7 +193,7 @@ def _signature(
     arrays: Mapping[str, np.ndarray[Any, Any]],
 ) -> tuple[tuple[str, ...], list[tuple[int, ...]], list[np.dtype[Any]]]:
     values = arrays.values()
-    return tuple(arrays), [a.shape for a in values], [_little(a.dtype) for a in values]
+    return tuple(arrays), [a.shape for a in values], [a.dtype for a in values]
 
 
 def _alignment(dtype: np.dtype[Any]) -> int:

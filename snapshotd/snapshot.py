@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 TMP_PREFIX = ".tmp."
+#: A C-contiguous bytes-like object: a memoryview or a contiguous ndarray.
+Buffer = Any
 _IOV_MAX = 1024
 _READ_CHUNK = 64 << 20
 
@@ -95,11 +97,11 @@ class Encoded:
     """A snapshot ready to write: the header region and the data buffers, in file order."""
 
     header: bytes
-    buffers: tuple[memoryview, ...]
+    buffers: tuple[Buffer, ...]
 
     @property
     def nbytes(self) -> int:
-        return len(self.header) + sum(b.nbytes for b in self.buffers)
+        return len(self.header) + sum(int(b.nbytes) for b in self.buffers)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class Payload:
 
     layout: Layout
     structure: Any
-    buffers: tuple[memoryview, ...]
+    buffers: tuple[Buffer, ...]
 
     @classmethod
     def of_flat(cls, flat: Flat, previous: Layout | None = None) -> Payload:
@@ -121,14 +123,16 @@ class Payload:
         (planning, and encoding the header's tensor entries, cost per-array work)."""
         fits = previous is not None and previous.matches(flat.arrays)
         layout = previous if fits and previous is not None else Layout.plan(flat.arrays)
-        buffers = tuple(_bytes_of(flat.arrays[t.name]) for t in layout.tensors)
+        # The arrays themselves: C-contiguous and little-endian (flatten sees to it), so
+        # writev and the digest take them as they are, with no view made per array.
+        buffers = tuple(map(flat.arrays.__getitem__, layout.names))
         return cls(layout, flat.structure, buffers)
 
     @classmethod
     def of_arena(cls, layout: Layout, data: memoryview, structure: Any) -> Payload:
         return cls(layout, structure, (data[: layout.data_size],))
 
-    def tensor_bytes(self) -> Iterator[memoryview]:
+    def tensor_bytes(self) -> Iterator[Buffer]:
         """Each tensor's bytes, in layout order."""
         if len(self.buffers) == len(self.layout.tensors):
             yield from self.buffers
@@ -144,15 +148,6 @@ def encode(payload: Payload, meta_fields: dict[str, Any]) -> Encoded:
     digests = dict(zip(payload.layout.names, map(digest, payload.tensor_bytes()), strict=True))
     meta = Meta(structure=payload.structure, **meta_fields)
     return Encoded(encode_header(payload.layout, meta, digests), payload.buffers)
-
-
-_EMPTY = memoryview(b"")
-
-
-def _bytes_of(array: np.ndarray[Any, Any]) -> memoryview:
-    # The array is C-contiguous already (tree.flatten sees to it); cast() refuses shapes
-    # with a zero in them, and an empty array has no bytes anyway.
-    return array.data.cast("B") if array.size else _EMPTY
 
 
 def write(directory: Path, final_name: str, encoded: Encoded) -> None:
@@ -195,7 +190,7 @@ def _write_temporary(path: Path, encoded: Encoded) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, buffers: Sequence[memoryview]) -> None:
+def _write_all(fd: int, buffers: Sequence[Buffer]) -> None:
     """``writev`` every buffer, in batches of IOV_MAX, resuming after short writes."""
     pending = [b for b in buffers if b.nbytes]
     while pending:
@@ -206,14 +201,14 @@ def _write_all(fd: int, buffers: Sequence[memoryview]) -> None:
         pending = _advance(pending, written)
 
 
-def _advance(buffers: list[memoryview], written: int) -> list[memoryview]:
+def _advance(buffers: list[Buffer], written: int) -> list[Buffer]:
     index = 0
     while written and written >= buffers[index].nbytes:
         written -= buffers[index].nbytes
         index += 1
     rest = buffers[index:]
     if written:
-        rest[0] = rest[0][written:]
+        rest[0] = memoryview(rest[0]).cast("B")[written:]
     return rest
 
 
