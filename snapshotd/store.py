@@ -110,6 +110,12 @@ class Store:
         self.root = Path(root).expanduser()
         # The last layout committed per run: a state whose shapes did not change reuses it.
         self._layouts: dict[str, Layout] = {}
+        # Snapshot files never change once committed, so what was read of one (keyed by
+        # its inode, size and mtime) is remembered: a daemon that prunes after every
+        # commit then reads only the new file, not the headers of every version again.
+        self._described: dict[tuple[str, int], tuple[tuple[int, int, int], Version]] = {}
+        # The last file this store committed per run, known good without reading it back.
+        self._written: dict[str, tuple[int, int, int]] = {}
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -187,11 +193,12 @@ class Store:
         with self._locked(run) as lock_fd:
             _remove_temporaries(run)
             version = self._next_version(run, lock_fd)
+            when = created or datetime.now(UTC)
             fields = {
                 "name": name,
                 "version": version,
                 "step": step,
-                "created": created or datetime.now(UTC),
+                "created": when,
                 "safe_point": safe_point,
                 "user": snapshot.user_metadata(metadata),
             }
@@ -206,6 +213,13 @@ class Store:
                     _record_version(lock_fd, version)
                 raise
             _record_version(lock_fd, version)
+        path = run / file_name(version)
+        identity = _identity(path)
+        if identity is not None:
+            # Remember what was written, so pruning never reads this header back.
+            self._written[name] = identity
+            described = Version(name, version, path, identity[1], step, when, safe_point)
+            self._described[(name, version)] = (identity, described)
         return version
 
     def recover(self) -> int:
@@ -322,18 +336,29 @@ class Store:
         return decisions
 
     def _prune_candidates(self, name: str, run: Path, dry_run: bool) -> list[Version]:
-        listed = [self._describe(name, v, p) for v, p in _listed(run)]
+        found = _listed(run)
+        present = {v for v, _ in found}
+        for key in [k for k in self._described if k[0] == name and k[1] not in present]:
+            del self._described[key]  # forget what was pruned or moved away
+        listed = [self._describe(name, v, p) for v, p in found]
         usable = []
         for version in listed:
             if version.problem is not None and not dry_run:
                 self._quarantine(run, version.version, version.path, version.problem)
             elif version.problem is None:
                 usable.append(version)
-        while usable and (problem := _problem_of(name, usable[-1].version, usable[-1].path)):
+        while usable and (problem := self._problem_of_newest(name, usable[-1])):
             bad = usable.pop()
             if not dry_run:
                 self._quarantine(run, bad.version, bad.path, problem)
         return usable
+
+    def _problem_of_newest(self, name: str, newest: Version) -> str | None:
+        # The newest version anchors the policy, so it must verify; one this store has
+        # just written and fsynced is known good without reading it all back.
+        if _identity(newest.path) == self._written.get(name):
+            return None
+        return _problem_of(name, newest.version, newest.path)
 
     def _delete(self, run: Path, versions: list[int]) -> None:
         for version in versions:
@@ -399,6 +424,16 @@ class Store:
         return max(seen, default=0) + 1
 
     def _describe(self, name: str, version: int, path: Path) -> Version:
+        identity = _identity(path)
+        known = self._described.get((name, version))
+        if known is not None and identity is not None and known[0] == identity:
+            return known[1]
+        described = self._read_description(name, version, path)
+        if identity is not None and described.problem is None:
+            self._described[(name, version)] = (identity, described)
+        return described
+
+    def _read_description(self, name: str, version: int, path: Path) -> Version:
         try:
             header = snapshot.read_header(path)
         except StoreError as exc:
@@ -449,6 +484,15 @@ def _listed(run: Path) -> list[tuple[int, Path]]:
         if match and entry.is_file(follow_symlinks=False):
             found.append((int(match.group(1)), Path(entry.path)))
     return sorted(found)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Inode, size and mtime of a file: a different file, or a changed one, differs."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def _record_version(lock_fd: int, version: int) -> None:

@@ -39,6 +39,7 @@ from snapshotd.protocol import (
     Skipped,
     SnapshotRequest,
     StateReady,
+    TensorTable,
     check_arena,
 )
 from snapshotd.snapshot import Loaded, Payload
@@ -136,6 +137,10 @@ class Experiment:
         self._budget = staging_budget
         self._channel: Channel | None = None
         self._ids = itertools.count(1)
+        # The last table received and its layout: the layout caches the header's tensor
+        # entries, so an unchanged state is not re-described for every snapshot.
+        self._table: TensorTable | None = None
+        self._layout: Layout | None = None
 
     @property
     def connected(self) -> bool:
@@ -214,8 +219,12 @@ class Experiment:
             os.close(fd)
             self.close()
             raise
-        layout = layout_of(state.table)
-        return Capture(state.id, state.step, state.safe_point, state.structure, layout, fd, mapped)
+        if state.table is not self._table:  # the same table (shapes) as last time: reuse
+            self._table, self._layout = state.table, layout_of(state.table)
+        assert self._layout is not None
+        return Capture(
+            state.id, state.step, state.safe_point, state.structure, self._layout, fd, mapped
+        )
 
     def peer_closed(self) -> bool:
         """True if the connected experiment has hung up (checked without blocking).
