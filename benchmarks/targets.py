@@ -65,6 +65,59 @@ TARGETS: tuple[Target, ...] = (
         "d",
         (Condition("snapshotd.store_commit", "peer.pickle_dump_fsync", 1.0, "vs pickle + fsync"),),
     ),
+    # Issue "Speed": a real experiment process and real daemons (benchmarks/cases/live.py).
+    *(
+        Target(
+            f"P1/{key}",
+            f"state {key} ({size}): the run.step() serving a snapshot <= 1.5x one memcpy of "
+            "the state, both timed in the experiment process",
+            key,
+            (Condition("live.stall", "live.memcpy", 1 / 1.5, "memcpy / stall"),),
+        )
+        for key, size in (("b", "64 MiB, 200 arrays"), ("c", "1 GiB, 50 arrays"))
+    ),
+    *(
+        Target(
+            f"P2/{key}",
+            f"state {key}: capture(), request -> durable commit, >= 0.85x raw write+fsync",
+            key,
+            (Condition("live.persist", "limit.write_fsync", 0.85, "vs raw write+fsync"),),
+        )
+        for key in ("b", "c")
+    ),
+    *(
+        Target(
+            f"P3/{key}",
+            f"state {key}: verified Store.load >= 0.8x cached read",
+            key,
+            (Condition("snapshotd.store_load", "limit.read_cached", 0.8, "vs cached read"),),
+        )
+        for key in ("b", "c")
+    ),
+    Target(
+        "P4",
+        "state d (20,000 x 1 KiB): stall no slower than pickle.dumps, persist >= 0.5x "
+        "raw write+fsync",
+        "d",
+        (
+            Condition("live.stall", "live.dumps", 1.0, "pickle.dumps / stall"),
+            Condition("live.persist", "limit.write_fsync", 0.5, "persist vs raw write+fsync"),
+        ),
+    ),
+    Target(
+        "P5",
+        "a training loop (256 MiB state) snapshotted every 1 s by a real daemon keeps "
+        ">= 0.95x its steps/s without snapshotd",
+        "a",
+        (Condition("live.train_snapshotd", "live.train_baseline", 0.95, "vs without"),),
+    ),
+    Target(
+        "P6",
+        "50 experiments every 1 s on one real daemon: none missed, none delayed by more "
+        "than one interval",
+        "d",
+        (Condition("live.fleet", "live.interval", 1.0, "interval / worst delay"),),
+    ),
 )
 
 

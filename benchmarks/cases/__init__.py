@@ -4,13 +4,15 @@
   cached and cold read);
 - :mod:`.peers`: other ways to save and load the same state (pickle, ``np.savez``,
   ``safetensors``);
-- :mod:`.ours`: snapshotd itself (``Store.commit``/``Store.load``, ``save``/``load``).
+- :mod:`.ours`: snapshotd itself (``Store.commit``/``Store.load``, ``save``/``load``);
+- :mod:`.live`: a real experiment process and real daemons (stall, persist, memory, a
+  training loop's speed, a fleet of experiments).
 
 A new module of cases is added to the import list below.
 """
 
 from __future__ import annotations
 
-from benchmarks.cases import limits, ours, peers
+from benchmarks.cases import limits, live, ours, peers
 
-__all__ = ["limits", "ours", "peers"]
+__all__ = ["limits", "live", "ours", "peers"]
