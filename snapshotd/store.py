@@ -218,7 +218,9 @@ class Store:
         if identity is not None:
             # Remember what was written, so pruning never reads this header back.
             self._written[name] = identity
-            described = Version(name, version, path, identity[1], step, when, safe_point)
+            # As read back from the file: UTC (the header keeps no other zone).
+            created_utc = when.astimezone(UTC)
+            described = Version(name, version, path, identity[1], step, created_utc, safe_point)
             self._described[(name, version)] = (identity, described)
         return version
 
