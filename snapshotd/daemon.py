@@ -82,6 +82,9 @@ _STORE_LOCK = ".daemon.lock"
 #: Snapshots that may run at once (each experiment has at most one in flight).
 _SNAPSHOT_WORKERS = 32
 _NEW_SOCKET_GRACE = 2.0
+#: How long a scheduled snapshot waits for its experiment's in-flight lock (a liveness
+#: check holds it briefly) before it is counted as skipped.
+_BUSY_WAIT = 0.25
 
 
 @dataclass
@@ -339,17 +342,20 @@ class Daemon:
         """Drop an experiment whose process has died (its socket file stays behind)."""
         with self._guard:
             tracked = self._tracked.get(name)
-        if tracked is None or not tracked.in_flight.acquire(blocking=False):
+        if tracked is None:
+            return
+        experiment = tracked.experiment
+        if not experiment.connected:
+            # A connect probe may take up to a second: it must not hold the in-flight
+            # lock, or a scheduled snapshot firing meanwhile would find it taken.
+            gone = not _listening(experiment.path)
+        elif tracked.in_flight.acquire(blocking=False):
+            try:
+                gone = experiment.peer_closed()  # non-blocking
+            finally:
+                tracked.in_flight.release()
+        else:
             return  # a snapshot in flight will find out for itself
-        try:
-            experiment = tracked.experiment
-            gone = (
-                experiment.peer_closed()
-                if experiment.connected
-                else not _listening(experiment.path)
-            )
-        finally:
-            tracked.in_flight.release()
         if gone:
             self._untrack(name, "its process is gone")
 
@@ -406,7 +412,9 @@ class Daemon:
         """
         tracked = self._get(name)
         timeout = self.config.daemon.timeout.total_seconds()
-        if not tracked.in_flight.acquire(timeout=timeout + IO_TIMEOUT if wait else 0):
+        if not tracked.in_flight.acquire(timeout=timeout + IO_TIMEOUT if wait else _BUSY_WAIT):
+            tracked.skips += 1
+            log.warning("%s: snapshot skipped: the previous one is still in flight", name)
             raise DaemonError(f"{name}: a snapshot is already in flight", code=exitcode.EXPERIMENT)
         try:
             return self._snapshot_locked(tracked, timeout)
