@@ -46,7 +46,6 @@ class Arena:
         except OSError:
             os.close(self.fd)
             raise
-        self.bytes = np.frombuffer(self._map, dtype=np.uint8, count=size)
 
     def fill(self, layout: Layout, arrays: Mapping[str, np.ndarray[Any, Any]]) -> None:
         """Copy every array to its place in the layout (arrays are C-contiguous)."""
@@ -59,12 +58,7 @@ class Arena:
         finally:
             view.release()
 
-    def arrays(self, layout: Layout) -> dict[str, np.ndarray[Any, Any]]:
-        """Views of the arena's contents, one per tensor of ``layout`` (no copy)."""
-        return layout.views(self.bytes)
-
     def close(self) -> None:
-        del self.bytes
         try:
             self._map.close()
         finally:
