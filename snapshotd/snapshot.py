@@ -42,9 +42,9 @@ from snapshotd.format import (
     Header,
     Layout,
     Meta,
+    Template,
     decode_header,
     digest,
-    encode_header,
     header_length,
 )
 from snapshotd.target import adapt, state_of
@@ -61,6 +61,7 @@ __all__ = [
     "read",
     "read_header",
     "save",
+    "template_for",
     "user_metadata",
     "write",
 ]
@@ -98,10 +99,12 @@ class Encoded:
 
     header: bytes
     buffers: tuple[Buffer, ...]
+    #: The byte size of each buffer (known from the layout: no per-array lookups).
+    sizes: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        return len(self.header) + sum(int(b.nbytes) for b in self.buffers)
+        return len(self.header) + sum(self.sizes)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class Payload:
     layout: Layout
     structure: Any
     buffers: tuple[Buffer, ...]
+    #: The tree's leaf kinds when it was flattened in this process (see ``Flat.kinds``).
+    kinds: str | None = None
 
     @classmethod
     def of_flat(cls, flat: Flat, previous: Layout | None = None) -> Payload:
@@ -126,11 +131,18 @@ class Payload:
         # The arrays themselves: C-contiguous and little-endian (flatten sees to it), so
         # writev and the digest take them as they are, with no view made per array.
         buffers = tuple(map(flat.arrays.__getitem__, layout.names))
-        return cls(layout, flat.structure, buffers)
+        return cls(layout, flat.structure, buffers, flat.kinds)
 
     @classmethod
     def of_arena(cls, layout: Layout, data: memoryview, structure: Any) -> Payload:
         return cls(layout, structure, (data[: layout.data_size],))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The byte size of each buffer."""
+        if len(self.buffers) == len(self.layout.tensors):
+            return self.layout.sizes
+        return (self.layout.data_size,)
 
     def tensor_bytes(self) -> Iterator[Buffer]:
         """Each tensor's bytes, in layout order."""
@@ -142,12 +154,28 @@ class Payload:
             yield data[tensor.begin : tensor.end]
 
 
-def encode(payload: Payload, meta_fields: dict[str, Any]) -> Encoded:
-    """Digest every tensor and build the header (no copy of the data)."""
+def template_for(payload: Payload, previous: Template | None = None) -> Template:
+    """The header template of ``payload``: ``previous`` if it still fits, else a new one."""
+    if previous is not None and previous.fits(payload.layout, payload.structure, payload.kinds):
+        return previous
+    return Template(payload.layout, payload.structure, payload.kinds)
+
+
+def encode(
+    payload: Payload, meta_fields: dict[str, Any], template: Template | None = None
+) -> Encoded:
+    """Digest every tensor and build the header (no copy of the data).
+
+    ``template`` must come from :func:`template_for` for this payload; without it one is
+    made for this snapshot alone.
+    """
+    template = template or template_for(payload)
+    if template.layout is not payload.layout:
+        raise ValueError("the header template is for another layout")
     # In layout order, which is the order the header lists them in.
-    digests = dict(zip(payload.layout.names, map(digest, payload.tensor_bytes()), strict=True))
-    meta = Meta(structure=payload.structure, **meta_fields)
-    return Encoded(encode_header(payload.layout, meta, digests), payload.buffers)
+    digests = list(map(digest, payload.tensor_bytes()))
+    meta = Meta(structure=template.structure, **meta_fields)
+    return Encoded(template.render(meta, digests), payload.buffers, payload.sizes)
 
 
 def write(directory: Path, final_name: str, encoded: Encoded) -> None:
@@ -182,7 +210,8 @@ def _write_temporary(path: Path, encoded: Encoded) -> None:
     try:
         crashpoint("commit.after_create")
         os.posix_fallocate(fd, 0, encoded.nbytes)
-        _write_all(fd, [memoryview(encoded.header), *encoded.buffers])
+        header = memoryview(encoded.header)
+        _write_all(fd, [header, *encoded.buffers], [len(header), *encoded.sizes])
         crashpoint("commit.before_fsync")
         os.fsync(fd)
         crashpoint("commit.after_fsync")
@@ -190,20 +219,40 @@ def _write_temporary(path: Path, encoded: Encoded) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, buffers: Sequence[Buffer]) -> None:
-    """``writev`` every buffer, in batches of IOV_MAX, resuming after short writes."""
-    pending = [b for b in buffers if b.nbytes]
-    while pending:
+def _write_all(fd: int, buffers: Sequence[Buffer], sizes: Sequence[int]) -> None:
+    """``writev`` every buffer, in batches of IOV_MAX, resuming after short writes.
+
+    ``sizes`` are the buffers' byte sizes: a batch written whole (the usual case) moves on
+    without looking at its buffers one by one.
+    """
+    start = 0
+    while start < len(buffers):
+        batch = buffers[start : start + _IOV_MAX]
+        wanted = sum(sizes[start : start + _IOV_MAX])
+        written = os.writev(fd, batch)
+        if written == wanted:
+            start += len(batch)
+            continue
+        _write_rest(fd, list(buffers[start:]), written)
+        return
+
+
+def _write_rest(fd: int, pending: list[Buffer], written: int) -> None:
+    """After a short write: advance past what was written, then one buffer at a time."""
+    while True:
+        pending = _advance(pending, written)
+        if not pending:
+            return
         batch = pending[:_IOV_MAX]
         written = os.writev(fd, batch)
         if written == 0:
             raise OSError(f"writev wrote nothing with {sum(b.nbytes for b in batch)} bytes to go")
-        pending = _advance(pending, written)
 
 
 def _advance(buffers: list[Buffer], written: int) -> list[Buffer]:
+    """The part of ``buffers`` not covered by the first ``written`` bytes (empty ones dropped)."""
     index = 0
-    while written and written >= buffers[index].nbytes:
+    while index < len(buffers) and written >= buffers[index].nbytes:
         written -= buffers[index].nbytes
         index += 1
     rest = buffers[index:]

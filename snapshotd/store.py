@@ -50,7 +50,7 @@ from snapshotd.errors import (
     StoreError,
     UsageError,
 )
-from snapshotd.format import Header, Layout
+from snapshotd.format import Header, Template
 from snapshotd.names import check_name
 from snapshotd.target import adapt, state_of
 from snapshotd.tree import Flat, flatten
@@ -108,8 +108,9 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser()
-        # The last layout committed per run: a state whose shapes did not change reuses it.
-        self._layouts: dict[str, Layout] = {}
+        # The last header template per run: a state whose shapes and tree did not change
+        # reuses its layout and the prepared bulk of its header.
+        self._templates: dict[str, Template] = {}
         # Snapshot files never change once committed, so what was read of one (keyed by
         # its inode, size and mtime) is remembered: a daemon that prunes after every
         # commit then reads only the new file, not the headers of every version again.
@@ -166,9 +167,9 @@ class Store:
         created: datetime | None = None,
     ) -> int:
         """:meth:`commit` for a state that is already flattened."""
+        previous = self._templates.get(name)
         with snapshot.paused_gc():
-            payload = snapshot.Payload.of_flat(flat, self._layouts.get(name))
-        self._layouts[name] = payload.layout
+            payload = snapshot.Payload.of_flat(flat, previous.layout if previous else None)
         return self.commit_payload(
             name,
             payload,
@@ -204,7 +205,9 @@ class Store:
             }
             try:
                 with snapshot.paused_gc():
-                    encoded = snapshot.encode(payload, fields)
+                    template = snapshot.template_for(payload, self._templates.get(name))
+                    self._templates[name] = template
+                    encoded = snapshot.encode(payload, fields, template)
                 snapshot.write(run, file_name(version), encoded)
             except CommitFailed as exc:
                 # A commit withdrawn after its rename (the directory fsync failed) may have

@@ -35,7 +35,15 @@ import numpy as np
 
 from snapshotd.errors import StateError
 
-__all__ = ["ALLOWED_KINDS", "Flat", "check_dtype", "check_structure", "flatten", "unflatten"]
+__all__ = [
+    "ALLOWED_KINDS",
+    "Flat",
+    "check_dtype",
+    "check_structure",
+    "flatten",
+    "same_tree",
+    "unflatten",
+]
 
 #: numpy dtype kinds we store: bool, signed, unsigned, float, complex.
 ALLOWED_KINDS = frozenset("biufc")
@@ -51,10 +59,28 @@ Structure = Any  # JSON-able: dict | list | str | int | bool | None
 
 @dataclass(frozen=True)
 class Flat:
-    """A flattened state: named arrays (in tree order) and the structure that joins them."""
+    """A flattened state: named arrays (in tree order) and the structure that joins them.
+
+    ``kinds`` lists the tree's ``bool`` and ``int`` leaves in walk order (``"b"``/``"i"``)
+    when the tree was flattened here, else None. Python says ``True == 1``, so two equal
+    structures are the same tree only if their kinds are equal too: a cache keyed on an
+    equal structure (a header template, a description already sent) must compare both.
+    """
 
     arrays: dict[str, np.ndarray[Any, Any]]
     structure: Structure
+    kinds: str | None = None
+
+
+def same_tree(a: Structure, a_kinds: str | None, b: Structure, b_kinds: str | None) -> bool:
+    """True when two structures (with their :attr:`Flat.kinds`) are exactly the same tree.
+
+    The same object always is; equal ones only when both kinds are known and equal.
+    Comparing in C costs a fraction of encoding the tree again.
+    """
+    if a is b:
+        return True
+    return a_kinds is not None and a_kinds == b_kinds and a == b
 
 
 def check_dtype(dtype: np.dtype[Any], where: str) -> None:
@@ -74,7 +100,7 @@ def flatten(state: object) -> Flat:
     """
     flattener = _Flattener()
     structure = flattener.node(state, (), 0)
-    return Flat(arrays=flattener.arrays, structure=structure)
+    return Flat(flattener.arrays, structure, "".join(flattener.kinds))
 
 
 def unflatten(structure: Structure, arrays: Mapping[str, np.ndarray[Any, Any]]) -> Any:
@@ -184,6 +210,7 @@ class _Flattener:
 
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray[Any, Any]] = {}
+        self.kinds: list[str] = []
 
     def node(self, value: object, trail: tuple[Any, ...], depth: int) -> Structure:
         kind = type(value)
@@ -203,11 +230,15 @@ class _Flattener:
             return {"s": self.array(np.asarray(value), trail)}
         if isinstance(value, np.ndarray):
             return {"a": self.array(value, trail)}
-        if value is None or isinstance(value, bool | str):
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, bool):
+            self.kinds.append("b")
             return value
         if isinstance(value, int):
             if value.bit_length() > _MAX_INT_BITS:
                 raise StateError(_where(trail), f"integer of {value.bit_length()} bits is too big")
+            self.kinds.append("i")
             return int(value)
         if isinstance(value, float):
             return _float_node(float(value))

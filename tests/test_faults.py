@@ -30,8 +30,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import snapshotd
 from snapshotd import Store
 from snapshotd.retention import Policy
 from snapshotd.store import file_name
@@ -197,6 +199,25 @@ def test_short_writes_still_produce_a_correct_file(tmp_path: Path) -> None:
     assert committer.state_difference(committer.state_for(SEED, 2, WEIGHTS), loaded) is None
     (cut,) = re.findall(r"^short-writes (\d+)$", result.stdout, re.MULTILINE)
     assert int(cut) >= 50, f"only {cut} writes were cut short: the test tested little"
+
+
+def test_short_writes_across_batches_of_many_small_arrays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of arrays (some empty) go out in several writev batches; real short
+    writes cut some batches anywhere while others complete whole."""
+    rng = np.random.default_rng(3)
+    state = {f"a{i}": rng.standard_normal(int(rng.integers(0, 40))) for i in range(3000)}
+    monkeypatch.setattr(os, "writev", os.writev)  # restored after the test
+    cut = committer._cut_writes(150_000, seed=5)
+
+    snapshotd.save(tmp_path / "many.safetensors", state)
+
+    assert cut() >= 2, "no batch was cut short: the test tested little"
+    loaded = snapshotd.load(tmp_path / "many.safetensors")
+    assert loaded.keys() == state.keys()
+    for key, array in state.items():
+        np.testing.assert_array_equal(loaded[key], array)
 
 
 # -- RLIMIT_FSIZE ---------------------------------------------------------------------

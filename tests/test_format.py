@@ -560,3 +560,106 @@ def test_digest_of_every_tensor_is_checked_on_load(tmp_path: Path) -> None:
         path.write_bytes(damaged)
         with pytest.raises(SnapshotCorrupt, match=f"digest mismatch in tensor '{name}'"):
             snapshotd.load(path)
+
+
+# --- the header template ------------------------------------------------------------
+
+
+def reference_header(layout: fmt.Layout, meta: fmt.Meta, digests: dict[str, str]) -> bytes:
+    """The header region as FORMAT.md describes it, built with plain ``json.dumps``."""
+
+    def compact(value: object) -> str:
+        return json.dumps(value, separators=(",", ":"))
+
+    special = {t.name: t.dtype.name for t in layout.tensors if t.dtype.name == "complex128"}
+    metadata = {
+        "snapshotd.format": "snapshotd/1",
+        "snapshotd.name": meta.name,
+        "snapshotd.version": str(meta.version),
+        "snapshotd.step": "" if meta.step is None else str(meta.step),
+        "snapshotd.created": meta.created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "snapshotd.safe_point": {None: "", True: "true", False: "false"}[meta.safe_point],
+        "snapshotd.tree": compact(meta.structure),
+        "snapshotd.digest": "xxh3-128",
+        "snapshotd.digests": compact({name: digests[name] for name in layout.names}),
+        "snapshotd.dtypes": compact(special),
+        "snapshotd.user": compact(dict(meta.user)),
+    }
+    document: Document = {"__metadata__": metadata}
+    for tensor in layout.tensors:
+        code, shape = tensor.stored()
+        entry = {"dtype": code, "shape": shape, "data_offsets": [tensor.begin, tensor.end]}
+        document[tensor.name] = entry
+    return sign(document)
+
+
+TEMPLATE_STATES: dict[str, Any] = {
+    "empty dict": {},
+    "one array": {"a": np.zeros(3)},
+    "every dtype": mixed_state(),
+    "escapes everywhere": {
+        'q"uote\\back/slash\u2028é\x00': np.zeros((2, 3), np.complex128),
+        "k": [1, 2.5, None, 's"', True, {"z": np.int8(3)}, float("nan")],
+        3: np.ones(0, np.bool_),
+    },
+    "a bare array": np.arange(5),
+    "many arrays": {f"p{i}": np.full(3, i, np.float32) for i in range(300)},
+}
+
+
+@pytest.mark.parametrize("key", sorted(TEMPLATE_STATES))
+@pytest.mark.parametrize(
+    ("step", "safe_point", "user"),
+    [(None, None, {}), (5, True, {'a"': "b\u00e9\n"}), (0, False, {"": ""})],
+)
+def test_a_template_renders_exactly_the_documented_json(
+    key: str, step: int | None, safe_point: bool | None, user: dict[str, str]
+) -> None:
+    flat = snapshotd.tree.flatten(TEMPLATE_STATES[key])
+    layout = fmt.Layout.plan(flat.arrays)
+    digests = {name: fmt.digest(array) for name, array in flat.arrays.items()}
+    created = datetime(2031, 2, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=-5)))
+    meta = fmt.Meta(
+        name="run-1",
+        version=7,
+        step=step,
+        created=created,
+        structure=flat.structure,
+        safe_point=safe_point,
+        user=user,
+    )
+    template = fmt.Template(layout, flat.structure, flat.kinds)
+
+    rendered = template.render(meta, [digests[name] for name in layout.names])
+
+    assert rendered == reference_header(layout, meta, digests)
+    data_size = layout.data_size
+    assert decode(rendered + b"\0" * data_size).meta.structure == flat.structure
+
+
+def test_a_template_refuses_another_tree_or_a_wrong_digest_count() -> None:
+    flat = snapshotd.tree.flatten({"a": np.zeros(2), "b": np.ones(3)})
+    layout = fmt.Layout.plan(flat.arrays)
+    template = fmt.Template(layout, flat.structure, flat.kinds)
+    created = datetime(2031, 1, 1, tzinfo=UTC)
+    other = fmt.Meta(name="r", version=1, step=None, created=created, structure={"l": []})
+    own = fmt.Meta(name="r", version=1, step=None, created=created, structure=flat.structure)
+
+    with pytest.raises(ValueError, match="structure"):
+        template.render(other, ["0" * 32, "1" * 32])
+    with pytest.raises(ValueError, match="1 digests for 2 tensors"):
+        template.render(own, ["0" * 32])
+
+
+def test_a_template_fits_only_its_own_layout_object_and_the_same_tree() -> None:
+    flat = snapshotd.tree.flatten({"a": np.zeros(2), "n": 1})
+    layout = fmt.Layout.plan(flat.arrays)
+    template = fmt.Template(layout, flat.structure, flat.kinds)
+    again = snapshotd.tree.flatten({"a": np.ones(2), "n": 1})
+    as_bool = snapshotd.tree.flatten({"a": np.ones(2), "n": True})
+
+    assert template.fits(layout, flat.structure, None)  # the very same object
+    assert template.fits(layout, again.structure, again.kinds)  # an equal tree
+    assert not template.fits(layout, again.structure, None)  # equal, but kinds unknown
+    assert not template.fits(layout, as_bool.structure, as_bool.kinds)  # 1 == True, yet not
+    assert not template.fits(fmt.Layout.plan(again.arrays), again.structure, again.kinds)

@@ -673,3 +673,29 @@ def test_a_snapshot_under_another_versions_name_is_not_loaded_as_that_version(
     assert [(c.version, c.ok) for c in store.verify("run")] == [(1, True), (2, True), (3, False)]
     with pytest.warns(FallbackWarning, match="version 3"):
         assert store.load("run")["i"] == 2
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1, True, 1, False, 0, 1.0, True],
+        [{"epoch": 3}, {"epoch": 4}, {"epoch": True}, {"epoch": "4"}, {"epoch": 4}],
+        [[1, 2], (1, 2), [1, 2], [1, True]],
+    ],
+    ids=["int-bool-float", "changing-scalars", "list-tuple"],
+)
+def test_an_unchanged_layout_never_reuses_a_stale_tree(
+    store: snapshotd.Store, values: list[Any]
+) -> None:
+    """The header template is reused while the tree is the same: ``1 == True`` in Python
+    and ``[1] == [1]`` for a tuple turned list must still come back as they were."""
+    weights = np.arange(6.0)
+    for value in values:
+        version = store.commit("run", {"w": weights, "x": value})
+        loaded = store.load("run", version)
+        assert loaded["x"] == value
+        assert type(loaded["x"]) is type(value)
+        if isinstance(value, list | tuple | dict):
+            inner = value.values() if isinstance(value, dict) else value
+            got = loaded["x"].values() if isinstance(value, dict) else loaded["x"]
+            assert [type(v) for v in got] == [type(v) for v in inner]
