@@ -72,7 +72,7 @@ from snapshotd.protocol import (
 from snapshotd.snapshot import paused_gc
 from snapshotd.store import Store
 from snapshotd.target import Target, adapt
-from snapshotd.tree import flatten, unflatten
+from snapshotd.tree import Flat, flatten, same_tree, unflatten
 
 __all__ = ["Resumed", "Run", "register"]
 
@@ -376,6 +376,7 @@ class Run:
         self._busy = request
         if not self._service.send(message, fd):
             self._busy = None
+            self._capture.forget()  # whoever connects next has not seen it
 
     def _on_request(self, request: SnapshotRequest) -> None:
         if self._busy is not None:
@@ -424,8 +425,15 @@ class Run:
                 "%s: the daemon could not commit snapshot %d: %s", self.name, done.id, done.error
             )
 
+    def _on_connect(self) -> None:
+        # A new session knows no description yet. (A state being described on the
+        # training thread at this very moment may still go out as a repeat; the daemon
+        # then refuses it as a protocol error and the next session starts afresh.)
+        self._capture.forget()
+
     def _on_disconnect(self) -> None:
         self._busy = None  # a daemon that is gone no longer reads the arena
+        self._capture.forget()
         with self._guard:
             # Requests and pushes die with the connection that brought them: the daemon
             # has already reported them as not done.
@@ -483,13 +491,21 @@ def _read_push(push: Push, fd: int) -> Any:
 
 
 class _Capture:
-    """Copies the state into the reused arena; the layout is recomputed only on change."""
+    """Copies the state into the reused arena; the layout is recomputed only on change.
+
+    It also numbers the state's descriptions (tree and table, see ``StateReady``) and
+    remembers the one the daemon was last sent, so an unchanged state is described
+    once per connection, not once per snapshot.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.layout: Layout | None = None
         self.table: TensorTable | None = None
         self.arena: Arena | None = None
+        self._numbered = 0
+        # (number, table, structure, kinds) of the description the daemon has.
+        self._announced: tuple[int, TensorTable, Any, str | None] | None = None
 
     def take(
         self, target: Target, request: int, step: int | None, safe_point: bool
@@ -502,7 +518,25 @@ class _Capture:
         assert self.layout is not None
         assert self.table is not None
         self.arena.fill(self.layout, flat.arrays)
-        return StateReady(request, step, safe_point, flat.structure, self.table), self.arena.fd
+        return self._describe(request, step, safe_point, flat, self.table), self.arena.fd
+
+    def _describe(
+        self, request: int, step: int | None, safe_point: bool, flat: Flat, table: TensorTable
+    ) -> StateReady:
+        announced = self._announced
+        if (
+            announced is not None
+            and announced[1] is table
+            and same_tree(announced[2], announced[3], flat.structure, flat.kinds)
+        ):
+            return StateReady(request, step, safe_point, None, None, announced[0])
+        self._numbered += 1
+        self._announced = (self._numbered, table, flat.structure, flat.kinds)
+        return StateReady(request, step, safe_point, flat.structure, table, self._numbered)
+
+    def forget(self) -> None:
+        """The connection the descriptions went to is gone: describe in full next time."""
+        self._announced = None
 
     def _relayout(self, layout: Layout) -> None:
         self.close()
@@ -636,6 +670,10 @@ class _Service:
         if self._channel is not None:  # a restarted daemon replaces the old session
             self._drop(selector)
         self._channel = newcomer
+        run = self._run()
+        if run is not None:
+            run._on_connect()
+            del run
         selector.register(newcomer.sock, selectors.EVENT_READ, "message")
         self.send(Hello("experiment", self.name, os.getpid()))
 

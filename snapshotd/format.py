@@ -115,6 +115,17 @@ class Tensor:
         return code, [*self.shape, 2] if paired else list(self.shape)
 
 
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Consecutive tensors of one dtype: ``[begin, end)`` of the data section holds them
+    back to back, so they can be copied there in one call."""
+
+    dtype: np.dtype[Any]
+    begin: int
+    end: int
+    names: tuple[str, ...]
+
+
 @functools.lru_cache(maxsize=64)
 def _code(dtype: np.dtype[Any]) -> tuple[str, bool]:
     """safetensors code of a dtype, and whether it is stored as pairs (cached: ``dtype.name``
@@ -157,6 +168,16 @@ class Layout:
     def names(self) -> tuple[str, ...]:
         """Tensor names in layout order."""
         return tuple(t.name for t in self.tensors)
+
+    @functools.cached_property
+    def runs(self) -> tuple[Run, ...]:
+        """Maximal stretches of consecutive tensors with one dtype, in layout order."""
+        runs = []
+        for dtype, group in itertools.groupby(self.tensors, key=lambda t: t.dtype):
+            members = list(group)
+            names = tuple(t.name for t in members)
+            runs.append(Run(dtype, members[0].begin, members[-1].end, names))
+        return tuple(runs)
 
     @functools.cached_property
     def sizes(self) -> tuple[int, ...]:

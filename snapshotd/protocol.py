@@ -226,7 +226,15 @@ class SnapshotRequest(Message):
 
 @dataclass(frozen=True)
 class StateReady(Message):
-    """Experiment -> daemon: the state is in the attached shared memory (one fd)."""
+    """Experiment -> daemon: the state is in the attached shared memory (one fd).
+
+    The structure and the table together are the state's *description*, numbered by the
+    experiment (``description``). A description is sent in full the first time on a
+    connection and whenever the tree or the layout changes; after that, a ``state``
+    that only repeats ``description`` (``table`` None, no structure) means "the same
+    as the one you have": the 3 MB description of a 20,000-array state is then neither
+    encoded nor parsed nor checked again for every snapshot.
+    """
 
     TYPE: ClassVar[str] = "state"
     CARRIES_FD: ClassVar[bool] = True
@@ -234,10 +242,26 @@ class StateReady(Message):
     step: int | None
     safe_point: bool
     structure: Any
-    table: TensorTable
+    table: TensorTable | None
+    description: int = 0
+
+    def __post_init__(self) -> None:
+        if self.table is None and (self.structure is not None or self.description < 1):
+            raise ValueError("a repeated description is a number >= 1 and nothing else")
+
+    @property
+    def repeats(self) -> bool:
+        """True when this message refers to the description sent before."""
+        return self.table is None
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        if self.repeats:
+            del body["structure"]
+        return body
 
     def raw(self) -> dict[str, str]:
-        return _table_fields(self.table)
+        return {} if self.table is None else _table_fields(self.table)
 
 
 @dataclass(frozen=True)
@@ -328,7 +352,9 @@ def _build(cls: type[Message], body: dict[str, Any]) -> Message:
     names = {f.name for f in fields(cls)}
     if "table" in body:
         raise ValueError("unexpected field 'table'")
-    if "table" in names:
+    if cls is StateReady and not body.keys() & {"structure", "tensors", "arena_size"}:
+        body = {**body, "structure": None, "table": None}  # repeats its description
+    elif "table" in names:
         body = dict(body)
         body["table"] = _table_from(body.pop("tensors"), body.pop("arena_size"))
     if not names >= body.keys():
@@ -364,6 +390,7 @@ _recent_tables: dict[int, tuple[list[Any], TensorTable]] = {}
 
 _SCALAR_CHECKS: dict[str, Callable[[Any], bool]] = {
     "id": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "description": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
     "pid": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "version": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
     "step": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),

@@ -101,17 +101,27 @@ class Capture:
             self._fd = -1
 
 
-def _check_tree(state: StateReady) -> None:
+@dataclass(frozen=True)
+class _Description:
+    """A state's description as received and checked on this connection."""
+
+    number: int
+    structure: Any
+    table: TensorTable
+    layout: Layout
+
+
+def _check_tree(structure: Any, table: TensorTable) -> None:
     """The structure must be one we write and name exactly the tensors of the table.
 
     Checked before committing: a file with a bad tree would only be found corrupt later.
     """
     try:
-        check_structure(state.structure)
+        check_structure(structure)
     except ValueError as exc:
         raise RemoteProtocolError(f"the state's structure is malformed: {exc}") from exc
-    named = sorted(tensor_names(state.structure))
-    if named != sorted(e.name for e in state.table.entries):
+    named = sorted(tensor_names(structure))
+    if named != sorted(e.name for e in table.entries):
         raise RemoteProtocolError("the state's structure and its tensors disagree")
 
 
@@ -137,10 +147,9 @@ class Experiment:
         self._budget = staging_budget
         self._channel: Channel | None = None
         self._ids = itertools.count(1)
-        # The last table received and its layout: the layout caches the header's tensor
-        # entries, so an unchanged state is not re-described for every snapshot.
-        self._table: TensorTable | None = None
-        self._layout: Layout | None = None
+        # The description last received on this connection, checked, with its layout:
+        # a state that repeats it reuses all three (and the store its header template).
+        self._description: _Description | None = None
 
     @property
     def connected(self) -> bool:
@@ -165,6 +174,7 @@ class Experiment:
             channel.close()
             raise
         self.pid = peer.pid
+        self._description = None
         self._channel = channel
 
     def snapshot(self, timeout: float) -> Capture:
@@ -201,15 +211,15 @@ class Experiment:
 
     def _map_state(self, state: StateReady, fd: int) -> Capture:
         try:
-            _check_tree(state)
-            check_arena(state.table, os.fstat(fd).st_size)
-            if self._budget is not None and state.table.size > self._budget:
+            described = self._described(state)
+            size = described.table.size
+            check_arena(described.table, os.fstat(fd).st_size)
+            if self._budget is not None and size > self._budget:
                 raise StagingBudgetExceeded(
                     self.name,
-                    f"state of {state.table.size} bytes exceeds the staging budget "
-                    f"of {self._budget} bytes",
+                    f"state of {size} bytes exceeds the staging budget of {self._budget} bytes",
                 )
-            mapped = map_readonly(fd, state.table.size)
+            mapped = map_readonly(fd, size)
         except StagingBudgetExceeded:
             os.close(fd)
             self.done(state.id, error="refused by the daemon")
@@ -219,12 +229,38 @@ class Experiment:
             os.close(fd)
             self.close()
             raise
-        if state.table is not self._table:  # the same table (shapes) as last time: reuse
-            self._table, self._layout = state.table, layout_of(state.table)
-        assert self._layout is not None
         return Capture(
-            state.id, state.step, state.safe_point, state.structure, self._layout, fd, mapped
+            state.id,
+            state.step,
+            state.safe_point,
+            described.structure,
+            described.layout,
+            fd,
+            mapped,
         )
+
+    def _described(self, state: StateReady) -> _Description:
+        """The description ``state`` carries or repeats, checked; remembered if new.
+
+        Raises:
+            RemoteProtocolError: a malformed tree, or a repeat of a description this
+                connection never received.
+        """
+        known = self._description
+        if state.table is None:
+            if known is None or known.number != state.description:
+                raise RemoteProtocolError(
+                    f"the state repeats description {state.description}, "
+                    "which this connection has not received"
+                )
+            return known
+        _check_tree(state.structure, state.table)
+        # The same table (shapes) as before keeps its layout, and with it the header's
+        # prepared tensor entries.
+        same_table = known is not None and known.table is state.table
+        layout = known.layout if same_table and known is not None else layout_of(state.table)
+        self._description = _Description(state.description, state.structure, state.table, layout)
+        return self._description
 
     def peer_closed(self) -> bool:
         """True if the connected experiment has hung up (checked without blocking).
@@ -282,6 +318,7 @@ class Experiment:
             raise SnapshotSkipped(self.name, f"the experiment refused the state: {reply.error}")
 
     def close(self) -> None:
+        self._description = None  # a description lives as long as its connection
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()

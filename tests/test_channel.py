@@ -163,8 +163,15 @@ def test_messages_with_and_without_descriptors_interleave(
         },
         {"empty": np.zeros((0, 3), dtype=np.int16), "one": np.int64(7).reshape(())},
         {},  # a state of scalars only: the arena is empty
+        {  # runs of one dtype broken by another of the same item size, 0-d and empty
+            f"x{i}": np.arange(i % 7, dtype=np.float32 if i % 3 else np.int32).reshape(
+                (1, -1) if i % 5 == 0 else -1
+            )
+            for i in range(300)
+        }
+        | {"zero-d": np.float32(2.5).reshape(()), "tail": np.ones((2, 2), np.uint8)},
     ],
-    ids=["model", "zero-sized", "no-arrays"],
+    ids=["model", "zero-sized", "no-arrays", "interleaved-runs"],
 )
 def test_an_arena_travels_with_its_table(
     channels: tuple[Channel, Channel], arrays: dict[str, np.ndarray[Any, Any]]
@@ -179,6 +186,7 @@ def test_an_arena_travels_with_its_table(
         arena.close()
     message, fd = b.receive(1.0)
     assert isinstance(message, StateReady)
+    assert message.table is not None
     assert fd is not None
     try:
         check_arena(message.table, os.fstat(fd).st_size)
@@ -195,6 +203,16 @@ def test_an_arena_travels_with_its_table(
         os.close(fd)
 
 
+def test_an_arena_never_converts_an_array_that_does_not_fit_its_layout() -> None:
+    layout = Layout.plan({"a": np.zeros(4, np.float32), "b": np.zeros(4, np.float32)})
+    arena = Arena(layout.data_size, "test")
+    try:
+        with pytest.raises(TypeError):
+            arena.fill(layout, {"a": np.zeros(4, np.float32), "b": np.zeros(4, np.float64)})
+    finally:
+        arena.close()
+
+
 def test_an_empty_memfd_is_a_valid_empty_arena(channels: tuple[Channel, Channel]) -> None:
     """A peer may describe an empty arena with a 0-byte memfd: check_arena accepts it,
     so the receiving side must be able to map it too (not fail with a ValueError)."""
@@ -206,6 +224,7 @@ def test_an_empty_memfd_is_a_valid_empty_arena(channels: tuple[Channel, Channel]
         os.close(fd)
     message, received = b.receive(1.0)
     assert isinstance(message, StateReady)
+    assert message.table is not None
     assert received is not None
     try:
         check_arena(message.table, os.fstat(received).st_size)
@@ -226,6 +245,7 @@ def test_an_unsealed_memfd_is_refused_before_it_is_mapped(
         os.close(fd)
     message, received = b.receive(1.0)
     assert isinstance(message, StateReady)
+    assert message.table is not None
     assert received is not None
     try:
         with pytest.raises(RemoteProtocolError, match="sealed"):

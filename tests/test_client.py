@@ -56,10 +56,12 @@ from snapshotd.format import Layout
 from snapshotd.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
+    Done,
     Hello,
     Push,
     PushDone,
     SnapshotRequest,
+    StateReady,
     TensorEntry,
     TensorTable,
     encode,
@@ -803,6 +805,53 @@ def test_a_new_daemon_connection_replaces_the_old_one(runtime: Path) -> None:
             second.close()
     finally:
         child.close()
+
+
+def described_state(peer: RawPeer, request: int) -> StateReady:
+    """Ask ``peer``'s experiment for its state; answer done; return the state message."""
+    peer.send(SnapshotRequest(request, 5.0))
+    message = peer.receive()
+    assert isinstance(message, StateReady), message
+    peer.send(Done(request, version=request))
+    return message
+
+
+def test_an_unchanged_state_is_described_once_per_connection(runtime: Path) -> None:
+    state: dict[str, Any] = {"w": np.arange(4.0), "flag": 1}
+    with snapshotd.register("described", state, runtime_dir=runtime, consistency="none"):
+        path = socket_path(runtime, "described")
+        first = RawPeer.connect(path)
+        try:
+            first.send(Hello("daemon", "described", os.getpid()))
+            assert isinstance(first.receive(), Hello)
+            full = described_state(first, 1)
+            state["w"][:] = 7  # new values, same description
+            again = described_state(first, 2)
+            state["flag"] = True  # 1 == True, yet another tree
+            changed = described_state(first, 3)
+            state["w"] = np.zeros(5)  # another layout
+            relaid = described_state(first, 4)
+        finally:
+            first.sock.close()
+        second = RawPeer.connect(path)
+        try:
+            second.send(Hello("daemon", "described", os.getpid()))
+            assert isinstance(second.receive(), Hello)
+            fresh = described_state(second, 1)
+        finally:
+            second.sock.close()
+
+    assert full.table is not None
+    assert not full.repeats
+    assert again.repeats
+    assert again.description == full.description
+    assert changed.table is not None
+    assert changed.description > full.description
+    assert changed.structure == {"d": [["w", {"a": "w"}], ["flag", True]]}
+    assert relaid.table is not None
+    assert relaid.description > changed.description
+    assert relaid.table.size == 40
+    assert not fresh.repeats, "a new connection must get the description in full"
 
 
 # -- 7. resume -----------------------------------------------------------------------

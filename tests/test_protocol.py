@@ -168,24 +168,29 @@ WIRE_TABLE: list[tuple[str, Message, str]] = [
     ("snapshot-int-timeout", SnapshotRequest(0, 5), '{"type":"snapshot","id":0,"timeout":5}'),
     (
         "state",
-        StateReady(7, 1200, True, MODEL_STRUCTURE, MODEL_TABLE),
+        StateReady(7, 1200, True, MODEL_STRUCTURE, MODEL_TABLE, 1),
         '{"type":"state","id":7,"step":1200,"safe_point":true,"structure":'
         + MODEL_STRUCTURE_JSON
-        + ',"tensors":'
+        + ',"description":1,"tensors":'
         + MODEL_TENSORS
         + ',"arena_size":31440}',
     ),
     (
+        "state-repeats-its-description",
+        StateReady(10, 1300, True, None, None, 1),
+        '{"type":"state","id":10,"step":1300,"safe_point":true,"description":1}',
+    ),
+    (
         "state-no-step-empty",
-        StateReady(8, None, False, {"d": []}, TensorTable((), 0)),
+        StateReady(8, None, False, {"d": []}, TensorTable((), 0), 2),
         '{"type":"state","id":8,"step":null,"safe_point":false,"structure":{"d":[]},'
-        '"tensors":[],"arena_size":0}',
+        '"description":2,"tensors":[],"arena_size":0}',
     ),
     (
         "state-odd-table",
-        StateReady(9, -1, True, {"l": [{"a": "lr"}]}, ODD_TABLE),
+        StateReady(9, -1, True, {"l": [{"a": "lr"}]}, ODD_TABLE, 3),
         '{"type":"state","id":9,"step":-1,"safe_point":true,"structure":{"l":[{"a":"lr"}]},'
-        '"tensors":' + ODD_TENSORS + ',"arena_size":26}',
+        '"description":3,"tensors":' + ODD_TENSORS + ',"arena_size":26}',
     ),
     (
         "skipped",
@@ -401,6 +406,7 @@ BASES: dict[str, Document] = {
         "step": 1200,
         "safe_point": True,
         "structure": {"a": "b"},
+        "description": 4,
         "tensors": [["b", "float64", [10], 0, 80]],
         "arena_size": 80,
     },
@@ -421,6 +427,7 @@ BASES: dict[str, Document] = {
     "reply": {"type": "reply", "id": 1, "ok": True, "result": None, "error": None, "code": 0},
 }
 OPTIONAL = {
+    ("state", "description"),
     ("done", "version"),
     ("done", "error"),
     ("push_done", "error"),
@@ -446,6 +453,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "args": [[], None, "x"],
     "code": [True, None, "0", 1.5],
     "arena_size": [True, -1, "80", 80.0, None],
+    "description": [True, -1, "4", 4.0, None],
 }
 
 
@@ -483,6 +491,13 @@ def _deep(depth: int) -> bytes:
 
 
 B80 = ["b", "float64", [10], 0, 80]
+REPEAT: Document = {"type": "state", "id": 8, "step": 1300, "safe_point": True, "description": 4}
+
+
+def without_key(document: Document, key: str) -> Document:
+    return {k: v for k, v in document.items() if k != key}
+
+
 DONE_BODY = b'{"type":"done","id":1}'
 REJECTED: list[Any] = [
     # framing (the body is valid: only the header is wrong)
@@ -534,6 +549,13 @@ REJECTED: list[Any] = [
     ),
     pytest.param(frame(_deep(100_000)), id="nested-100000-deep"),
     pytest.param(frame(b'{"type":"done","id":' + b"9" * 5000 + b"}"), id="id-5000-digits"),
+    # a state that repeats its description carries its number and nothing else
+    pytest.param(doc_frame(REPEAT | {"description": 0}), id="repeat-description-0"),
+    pytest.param(doc_frame(without_key(REPEAT, "description")), id="repeat-no-description"),
+    pytest.param(doc_frame(REPEAT | {"arena_size": 80}), id="repeat-with-arena_size"),
+    pytest.param(doc_frame(REPEAT | {"structure": {"a": "b"}}), id="repeat-with-structure"),
+    pytest.param(doc_frame(REPEAT | {"structure": None}), id="repeat-with-structure-null"),
+    pytest.param(doc_frame(REPEAT | {"tensors": [B80]}), id="repeat-with-tensors"),
     # tensor tables: entries
     pytest.param(state_with_table({}, 0), id="tensors-object"),
     pytest.param(state_with_table("", 0), id="tensors-string"),
@@ -600,6 +622,11 @@ def test_rejection_bases_are_valid() -> None:
     """Each base document decodes, so each row fails only because of its one change."""
     for kind, document in BASES.items():
         assert type(decode_one(doc_frame(document))) is protocol._TYPES[kind]
+    repeat = decode_one(doc_frame(REPEAT))
+    assert isinstance(repeat, StateReady)
+    assert repeat.repeats
+    assert repeat.description == 4
+    assert repeat.table is None
 
 
 @pytest.mark.parametrize("data", REJECTED)

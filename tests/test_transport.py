@@ -51,6 +51,7 @@ from snapshotd.format import Layout
 from snapshotd.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
+    Done,
     Hello,
     Push,
     SnapshotRequest,
@@ -487,6 +488,16 @@ def state_for_another_request(peer: RawPeer, fake: FakeExperiment) -> None:
     fake.release.wait(10)
 
 
+def state_repeating_an_unknown_description(peer: RawPeer, fake: FakeExperiment) -> None:
+    req = request(peer)
+    fd = memfd(4096)
+    try:
+        peer.send(StateReady(req.id, 1, True, None, None, 5), fd)
+    finally:
+        os.close(fd)
+    fake.release.wait(10)
+
+
 def state_with_two_descriptors(peer: RawPeer, fake: FakeExperiment) -> None:
     req = request(peer)
     fds = [memfd(4096, fill=7), memfd(4096, fill=7)]
@@ -527,6 +538,9 @@ MISBEHAVIOURS = {
     ),
     "state-in-a-pipe": Misbehaviour(state_in_a_pipe, (RemoteProtocolError,), 1.0, True),
     "wrong-request-id": Misbehaviour(state_for_another_request, (RemoteProtocolError,), 1.0, True),
+    "repeats-an-unknown-description": Misbehaviour(
+        state_repeating_an_unknown_description, (RemoteProtocolError,), 1.0, True
+    ),
 }
 
 
@@ -803,3 +817,47 @@ def test_a_push_from_a_gone_daemon_is_not_applied() -> None:
         assert not [line for line in child.seen if line.startswith("applied")], (
             "a push whose daemon hung up was applied anyway"
         )
+
+
+def test_a_repeated_description_reuses_the_one_received_and_checked() -> None:
+    """The experiment describes its state once; later states repeat the number. A
+    number the connection never received is a protocol error, not a guess."""
+
+    def script(peer: RawPeer, fake: FakeExperiment) -> None:
+        arena = Arena(4096, "fake")
+        try:
+            first = request(peer)
+            peer.send(StateReady(first.id, 1, True, {"a": "x"}, one_tensor(4096), 3), arena.fd)
+            assert isinstance(peer.receive(), Done)
+            second = peer.receive()
+            assert isinstance(second, SnapshotRequest)
+            peer.send(StateReady(second.id, 2, True, None, None, 3), arena.fd)
+            assert isinstance(peer.receive(), Done)
+            third = peer.receive()
+            assert isinstance(third, SnapshotRequest)
+            peer.send(StateReady(third.id, 3, True, None, None, 4), arena.fd)
+            fake.release.wait(10)
+        finally:
+            arena.close()
+
+    with runtime_dir() as runtime:
+        fake = FakeExperiment(runtime, script)
+        experiment = Experiment(NAME, fake.path, io_timeout=IO_TIMEOUT)
+        try:
+            captures = []
+            for _ in range(2):
+                capture = experiment.snapshot(5.0)
+                captures.append((capture.step, capture.structure, capture.layout))
+                capture.release()
+                experiment.done(capture.id, 1)
+            with pytest.raises(RemoteProtocolError, match="repeats description 4"):
+                experiment.snapshot(5.0)
+            assert not experiment.connected
+        finally:
+            experiment.close()
+            fake.close()
+    (step1, tree1, layout1), (step2, tree2, layout2) = captures
+    assert (step1, step2) == (1, 2)
+    assert tree1 == {"a": "x"}
+    assert tree2 is tree1
+    assert layout2 is layout1
