@@ -79,7 +79,7 @@ TARGETS: tuple[Target, ...] = (
     *(
         Target(
             f"P2/{key}",
-            f"state {key}: capture(), request -> durable commit, >= 0.85x raw write+fsync",
+            f"state {key}: persist(), request -> durable commit, >= 0.85x raw write+fsync",
             key,
             (Condition("live.persist", "limit.write_fsync", 0.85, "vs raw write+fsync"),),
         )

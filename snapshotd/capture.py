@@ -2,7 +2,11 @@
 
 :func:`capture` is one snapshot, start to finish, as a chain of named steps::
 
-    request (transport) -> commit (store, from the shared mapping) -> done -> prune
+    persist: request (transport) -> commit (store, from the shared mapping) -> done
+    then:    prune
+
+:func:`persist` alone ends when the snapshot is durable and the experiment has its
+memory back; pruning comes after, as nobody waits for it.
 
 It knows nothing of schedules, threads or signals (that is the daemon's business) and
 takes the clock reading as a parameter. Retention runs only after a successful commit,
@@ -11,6 +15,7 @@ so a failing disk never makes the daemon delete the snapshots it still has.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +24,7 @@ from snapshotd.retention import Decision, Policy
 from snapshotd.store import Store
 from snapshotd.transport import Capture, Experiment, StagingBudgetExceeded
 
-__all__ = ["Budget", "Outcome", "capture"]
+__all__ = ["Budget", "Outcome", "capture", "persist"]
 
 
 class Budget:
@@ -51,6 +56,7 @@ class Outcome:
     step: int | None
     safe_point: bool
     nbytes: int
+    #: Versions the retention policy deleted afterwards (none from :func:`persist`).
     pruned: tuple[int, ...]
 
 
@@ -63,7 +69,7 @@ def capture(
     now: datetime,
     budget: Budget | None = None,
 ) -> Outcome:
-    """Take one snapshot of ``experiment`` and apply ``policy`` afterwards.
+    """Take one snapshot of ``experiment`` (:func:`persist`), then apply ``policy``.
 
     Raises:
         SnapshotSkipped: no safe point came within ``timeout``, or the state does not fit
@@ -71,6 +77,21 @@ def capture(
         PeerError, ProtocolError: the experiment is gone or misbehaved.
         CommitFailed: the store could not write it (older versions are untouched).
     """
+    persisted = persist(experiment, store, timeout=timeout, now=now, budget=budget)
+    decisions = store.prune(experiment.name, policy)
+    return dataclasses.replace(persisted, pruned=_deleted(decisions))
+
+
+def persist(
+    experiment: Experiment,
+    store: Store,
+    *,
+    timeout: float,
+    now: datetime,
+    budget: Budget | None = None,
+) -> Outcome:
+    """Ask ``experiment`` for its state and commit it; return once it is durable and the
+    experiment has been told (``done``). Nothing is pruned. Raises as :func:`capture`."""
     taken = experiment.snapshot(timeout)
     if budget is not None and not budget.reserve(taken.nbytes):
         taken.release()
@@ -91,10 +112,7 @@ def capture(
             budget.release(taken.nbytes)
     taken.release()
     experiment.done(taken.id, version)
-    decisions = store.prune(experiment.name, policy)
-    return Outcome(
-        experiment.name, version, taken.step, taken.safe_point, taken.nbytes, _deleted(decisions)
-    )
+    return Outcome(experiment.name, version, taken.step, taken.safe_point, taken.nbytes, ())
 
 
 def _commit(name: str, taken: Capture, store: Store, now: datetime) -> int:

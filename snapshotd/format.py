@@ -32,7 +32,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import xxhash
@@ -43,6 +43,7 @@ from snapshotd.tree import Structure, check_structure, same_tree
 __all__ = [
     "DIGEST_ALGORITHM",
     "FORMAT",
+    "Digester",
     "Header",
     "Layout",
     "Meta",
@@ -50,6 +51,7 @@ __all__ = [
     "Tensor",
     "decode_header",
     "digest",
+    "digester",
     "encode_header",
     "header_length",
 ]
@@ -90,6 +92,16 @@ _AS_PAIRS = {"complex128": "F64"}
 def digest(buffer: Any) -> str:
     """xxh3-128 of a bytes-like object (any contiguous buffer), as 32 hex digits."""
     return xxhash.xxh3_128_hexdigest(buffer)
+
+
+def digester() -> Digester:
+    """A streaming :func:`digest`: ``update`` with the pieces in order, then ``hexdigest``."""
+    return xxhash.xxh3_128()
+
+
+class Digester(Protocol):
+    def update(self, buffer: Any, /) -> None: ...
+    def hexdigest(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +190,30 @@ class Layout:
             names = tuple(t.name for t in members)
             runs.append(Run(dtype, members[0].begin, members[-1].end, names))
         return tuple(runs)
+
+    def groups(self, limit: int) -> tuple[tuple[int, int], ...]:
+        """Index ranges ``[begin, end)`` of consecutive tensors of at most ``limit`` bytes
+        together; a tensor bigger than ``limit`` is a group of its own (computed once per
+        limit)."""
+        known = self._groups.get(limit)
+        if known is None:
+            known = self._groups[limit] = self._plan_groups(limit)
+        return known
+
+    @functools.cached_property
+    def _groups(self) -> dict[int, tuple[tuple[int, int], ...]]:
+        return {}
+
+    def _plan_groups(self, limit: int) -> tuple[tuple[int, int], ...]:
+        groups, begin, total = [], 0, 0
+        for index, size in enumerate(self.sizes):
+            if index > begin and total + size > limit:
+                groups.append((begin, index))
+                begin, total = index, 0
+            total += size
+        if begin < len(self.sizes):
+            groups.append((begin, len(self.sizes)))
+        return tuple(groups)
 
     @functools.cached_property
     def sizes(self) -> tuple[int, ...]:
@@ -271,7 +307,16 @@ class Template:
     the documented JSON object with :func:`json.dumps` (compact, ASCII), tested so.
     """
 
-    __slots__ = ("_digest_keys", "_dtypes", "_entries", "_tree", "kinds", "layout", "structure")
+    __slots__ = (
+        "_digest_keys",
+        "_digests_length",
+        "_dtypes",
+        "_entries",
+        "_tree",
+        "kinds",
+        "layout",
+        "structure",
+    )
 
     def __init__(self, layout: Layout, structure: Structure, kinds: str | None = None) -> None:
         self.layout = layout
@@ -289,6 +334,8 @@ class Template:
         )
         entries = layout.entries_json
         self._entries = "," + entries if entries else ""
+        # Every digest is 32 hex digits, so the header's length is known before them.
+        self._digests_length = len(self._digests(["0" * 32] * len(self._digest_keys)))
 
     def fits(self, layout: Layout, structure: Structure, kinds: str | None) -> bool:
         """True when this template describes ``layout`` and ``structure``.
@@ -297,6 +344,12 @@ class Template:
         the structure the same tree (:func:`snapshotd.tree.same_tree`).
         """
         return layout is self.layout and same_tree(self.structure, self.kinds, structure, kinds)
+
+    def length(self, meta: Meta) -> int:
+        """The length of the header region :meth:`render` gives for ``meta`` (any digests)."""
+        metadata = self._metadata(meta, "0" * self._digests_length)
+        text = len('{"__metadata__":') + len(metadata) + len(self._entries) + 1
+        return 8 + text + (-(8 + text) % ALIGN)
 
     def render(self, meta: Meta, digests: Sequence[str]) -> bytes:
         """The complete header region: length prefix, JSON, padding to the 64-byte boundary.
@@ -308,7 +361,7 @@ class Template:
             raise ValueError("the header's structure is not the template's")
         if len(digests) != len(self._digest_keys):
             raise ValueError(f"{len(digests)} digests for {len(self._digest_keys)} tensors")
-        metadata = self._metadata(meta, digests)
+        metadata = self._metadata(meta, self._digests(digests))
         text = f'{{"__metadata__":{metadata}{self._entries}}}'.encode("ascii")
         padded = len(text) + (-(8 + len(text)) % ALIGN)
         region = bytearray(struct.pack("<Q", padded) + text.ljust(padded, b" "))
@@ -318,7 +371,7 @@ class Template:
         region[at : at + 32] = digest(region).encode()
         return bytes(region)
 
-    def _metadata(self, meta: Meta, digests: Sequence[str]) -> str:
+    def _metadata(self, meta: Meta, digests_field: str) -> str:
         fields = (
             ("format", _literal(FORMAT)),
             ("name", _literal(meta.name)),
@@ -328,7 +381,7 @@ class Template:
             ("safe_point", _literal({None: "", True: "true", False: "false"}[meta.safe_point])),
             ("tree", self._tree),
             ("digest", _literal(DIGEST_ALGORITHM)),
-            ("digests", self._digests(digests)),
+            ("digests", digests_field),
             ("dtypes", self._dtypes),
             ("user", _literal(_compact(dict(meta.user)))),
             ("header_digest", _literal(_ZERO_DIGEST)),

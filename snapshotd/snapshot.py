@@ -24,15 +24,17 @@ This module also holds the store-less library functions :func:`save` and :func:`
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import gc
 import os
 import secrets
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -45,6 +47,7 @@ from snapshotd.format import (
     Template,
     decode_header,
     digest,
+    digester,
     header_length,
 )
 from snapshotd.target import adapt, state_of
@@ -95,16 +98,20 @@ def paused_gc() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A snapshot ready to write: the header region and the data buffers, in file order."""
+    """A snapshot ready to write: its data, its header template and its metadata.
 
-    header: bytes
-    buffers: tuple[Buffer, ...]
-    #: The byte size of each buffer (known from the layout: no per-array lookups).
-    sizes: tuple[int, ...]
+    The digests, and so the header, are computed while the data is written (see
+    :func:`write`); ``header_size`` is known before, as every digest has 32 digits.
+    """
+
+    payload: Payload
+    template: Template
+    meta: Meta
+    header_size: int
 
     @property
     def nbytes(self) -> int:
-        return len(self.header) + sum(self.sizes)
+        return self.header_size + self.payload.layout.data_size
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,7 @@ def template_for(payload: Payload, previous: Template | None = None) -> Template
 def encode(
     payload: Payload, meta_fields: dict[str, Any], template: Template | None = None
 ) -> Encoded:
-    """Digest every tensor and build the header (no copy of the data).
+    """Prepare ``payload`` for :func:`write` (no copy of the data).
 
     ``template`` must come from :func:`template_for` for this payload; without it one is
     made for this snapshot alone.
@@ -172,10 +179,8 @@ def encode(
     template = template or template_for(payload)
     if template.layout is not payload.layout:
         raise ValueError("the header template is for another layout")
-    # In layout order, which is the order the header lists them in.
-    digests = list(map(digest, payload.tensor_bytes()))
     meta = Meta(structure=template.structure, **meta_fields)
-    return Encoded(template.render(meta, digests), payload.buffers, payload.sizes)
+    return Encoded(payload, template, meta, template.length(meta))
 
 
 def write(directory: Path, final_name: str, encoded: Encoded) -> None:
@@ -210,13 +215,119 @@ def _write_temporary(path: Path, encoded: Encoded) -> None:
     try:
         crashpoint("commit.after_create")
         os.posix_fallocate(fd, 0, encoded.nbytes)
-        header = memoryview(encoded.header)
-        _write_all(fd, [header, *encoded.buffers], [len(header), *encoded.sizes])
+        # The data first, behind the room left for the header: its digests are taken
+        # as it goes out, and the header, which holds them, comes last.
+        os.lseek(fd, encoded.header_size, os.SEEK_SET)
+        digests = _write_data(fd, encoded.payload, encoded.header_size)
+        crashpoint("commit.after_data")
+        header = encoded.template.render(encoded.meta, digests)
+        if len(header) != encoded.header_size:
+            raise RuntimeError(f"header of {len(header)} bytes, {encoded.header_size} planned")
+        _pwrite_all(fd, header, 0)
         crashpoint("commit.before_fsync")
         os.fsync(fd)
         crashpoint("commit.after_fsync")
     finally:
         os.close(fd)
+
+
+def _write_data(fd: int, payload: Payload, start: int) -> list[str]:
+    """Write the data section at the file position (``start``); return the digests.
+
+    The data goes out in groups of about :data:`WRITEBACK_UNIT` bytes. Each group is
+    digested first, then written while its bytes are still in the CPU cache; then the
+    writeback of that group to the disk is started (``sync_file_range``), so the disk
+    works while the next group is digested and copied, and the final fsync finds little
+    left to do. A tensor bigger than a group is handled piece by piece.
+
+    Digesting before writing matters for an experiment's freshly mapped shared memory:
+    the digest's reads fault its pages in far faster than the kernel's copy inside
+    ``writev`` does (measured: 64 MiB written in 16 ms instead of 47 ms).
+    """
+    pieces = list(payload.tensor_bytes())
+    sizes = payload.layout.sizes
+    digests: list[str] = []
+    offset = start
+    for begin, end in payload.layout.groups(WRITEBACK_UNIT):
+        if end - begin == 1 and sizes[begin] > WRITEBACK_UNIT:
+            digests.append(_write_streamed(fd, pieces[begin], offset))
+        else:
+            digests.extend(map(digest, pieces[begin:end]))
+            _write_all(fd, pieces[begin:end], sizes[begin:end])
+            _writeback.start(fd, offset, sum(sizes[begin:end]))
+        offset += sum(sizes[begin:end])
+    return digests
+
+
+def _write_streamed(fd: int, buffer: Buffer, offset: int) -> str:
+    """Write one big tensor in pieces, starting each one's writeback; return its digest."""
+    view = memoryview(buffer).cast("B")
+    streamed = digester()
+    for at in range(0, view.nbytes, WRITEBACK_UNIT):
+        part = view[at : at + WRITEBACK_UNIT]
+        streamed.update(part)
+        _write_all(fd, [part], [part.nbytes])
+        _writeback.start(fd, offset + at, part.nbytes)
+    return streamed.hexdigest()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(f"pwrite wrote nothing with {view.nbytes} bytes to go")
+        view, offset = view[written:], offset + written
+
+
+#: Bytes written between two starts of writeback: big enough to keep the disk's queue
+#: full, small enough to be digested while still in the CPU cache.
+WRITEBACK_UNIT = 8 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+#: errnos that mean "no sync_file_range here" (not a failed write): stop calling it.
+_UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE})
+
+
+class _Writeback:
+    """libc's ``sync_file_range`` (Linux; Python's os module does not have it), looked up
+    on first use and given up for good where the kernel or file system does not support
+    it: it is only a head start for the fsync that follows."""
+
+    def __init__(self) -> None:
+        self._call: Callable[[int, int, int, int], int] | None = None
+        self._usable = True
+
+    def start(self, fd: int, offset: int, nbytes: int) -> None:
+        """Ask the kernel to start writing ``[offset, offset + nbytes)`` to the disk now.
+
+        Raises:
+            OSError: a write-back error, like any other I/O error of the commit.
+        """
+        call = self._function()
+        if call is None or nbytes == 0:
+            return
+        if call(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code in _UNSUPPORTED:
+            self._usable = False
+            return
+        raise OSError(code, f"sync_file_range: {os.strerror(code)}")
+
+    def _function(self) -> Callable[[int, int, int, int], int] | None:
+        if self._call is None and self._usable:
+            try:
+                function = ctypes.CDLL(None, use_errno=True).sync_file_range
+            except (OSError, AttributeError):
+                self._usable = False
+                return None
+            function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            function.restype = ctypes.c_int
+            self._call = cast(Callable[[int, int, int, int], int], function)
+        return self._call if self._usable else None
+
+
+_writeback = _Writeback()
 
 
 def _write_all(fd: int, buffers: Sequence[Buffer], sizes: Sequence[int]) -> None:

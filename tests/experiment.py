@@ -539,7 +539,8 @@ class RawPeer:
         if fds:
             sent = socket.send_fds(self.sock, [data], list(fds))
             data = data[sent:]
-        self.sock.sendall(data)
+        if data:  # sending nothing to a peer that already hung up would raise EPIPE
+            self.sock.sendall(data)
 
     def receive(self, timeout: float = 5.0) -> Message:
         """The next whole message (descriptors sent with it are closed)."""

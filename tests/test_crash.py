@@ -43,6 +43,7 @@ SEED = int(os.environ.get("SNAPSHOTD_TEST_SEED", "20261128"))
 #: Every crash point in snapshotd/; test_every_crash_point_is_tested keeps this honest.
 CRASH_POINTS = (
     "commit.after_create",
+    "commit.after_data",
     "commit.before_fsync",
     "commit.after_fsync",
     "commit.before_rename",

@@ -8,6 +8,7 @@ reaches the check it is about.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -663,3 +664,47 @@ def test_a_template_fits_only_its_own_layout_object_and_the_same_tree() -> None:
     assert not template.fits(layout, again.structure, None)  # equal, but kinds unknown
     assert not template.fits(layout, as_bool.structure, as_bool.kinds)  # 1 == True, yet not
     assert not template.fits(fmt.Layout.plan(again.arrays), again.structure, again.kinds)
+
+
+@pytest.mark.parametrize("limit", [1, 100, 4096, 10**9])
+def test_layout_groups_cover_every_tensor_in_order_within_the_limit(limit: int) -> None:
+    rng = np.random.default_rng(limit)
+    arrays = {f"t{i}": np.zeros(int(rng.integers(0, 700)), np.uint8) for i in range(300)}
+    layout = fmt.Layout.plan(arrays)
+
+    groups = layout.groups(limit)
+
+    assert groups[0][0] == 0
+    assert groups[-1][1] == len(layout.tensors)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))
+    for begin, end in groups:
+        total = sum(layout.sizes[begin:end])
+        assert end > begin
+        assert total <= limit or end - begin == 1
+        if end < len(layout.tensors):  # greedy: the next tensor did not fit
+            assert total + layout.sizes[end] > limit
+    assert layout.groups(limit) is groups
+
+
+def test_tensors_bigger_than_a_writeback_unit_are_digested_in_pieces(tmp_path: Path) -> None:
+    unit = snapshot.WRITEBACK_UNIT
+    rng = np.random.default_rng(11)
+    state = {
+        "small": rng.standard_normal(10),
+        "big": rng.integers(0, 255, unit * 2 + 12345, dtype=np.uint8),
+        "exact": rng.integers(0, 255, unit, dtype=np.uint8),
+        "tail": rng.standard_normal(3).astype(np.float32),
+    }
+    path = tmp_path / "big.safetensors"
+
+    snapshotd.save(path, state)
+
+    document, data = split(path.read_bytes())
+    digests = json.loads(document["__metadata__"]["snapshotd.digests"])
+    for name, entry in document.items():
+        if name != "__metadata__":
+            begin, end = entry["data_offsets"]
+            assert digests[name] == xxhash.xxh3_128_hexdigest(data[begin:end]), name
+    loaded = snapshotd.load(path)
+    for name, array in state.items():
+        np.testing.assert_array_equal(loaded[name], array)

@@ -6,15 +6,17 @@ Each case times what its target is about *where the cost is paid*, and says so t
 - **P1 stall** (states b, c; and d for P4), ``live.stall``: a child process
   (:mod:`benchmarks.experiment_child`) holds the state, is registered with
   ``consistency="step"`` and trains; this process is the daemon side
-  (:class:`snapshotd.transport.Experiment` + :func:`snapshotd.capture.capture` into a real
+  (:class:`snapshotd.transport.Experiment` + :func:`snapshotd.capture.persist` into a real
   :class:`~snapshotd.Store`). The time recorded is the duration of the ``run.step(n)``
   that served the request, measured in the child. Its references are measured in the
   same child, in the same rounds: ``live.memcpy`` (``np.copyto`` of every array into a
   prefaulted buffer) and ``live.pickle`` (``pickle.dump(HIGHEST_PROTOCOL)`` + fsync; for
   state d also ``live.dumps``, ``pickle.dumps``).
-- **P2 persist**, ``live.persist``: the same set-up; the time of ``capture()`` (request,
-  wait for the safe point, commit from the shared memory, done, prune) while the child
-  keeps training.
+- **P2 persist**, ``live.persist``: the same set-up; the time of
+  :func:`snapshotd.capture.persist` (request, wait for the safe point, commit from the
+  shared memory, done) while the child keeps training. The prune that the daemon runs
+  next (:func:`~snapshotd.capture.capture` = persist, then prune) is timed too, outside
+  the persist time; its seconds are in the notes (``prune_s``).
 - **Memory**, ``live.daemon_snapshot`` (b, c): a second child and a real ``snapshotd start``
   (scheduled hourly, so only our requests run); each round asks for one snapshot over the
   control socket (``snapshotd snapshot``), timed from the command line's side, while a
@@ -53,7 +55,7 @@ from benchmarks.processes import Child, Daemon, short_dir
 from benchmarks.schedule import Punctuality, combine, punctuality
 from benchmarks.states import KIB, MIB
 from snapshotd import Store, rendezvous
-from snapshotd.capture import capture
+from snapshotd.capture import persist
 from snapshotd.retention import Policy
 from snapshotd.transport import Experiment
 
@@ -136,22 +138,22 @@ class Rig:
                 RUN, rendezvous.experiment_socket(self.runtime, RUN), io_timeout=30.0
             )
             self.store = Store(self.folder / "store")
+            self.prunes: list[float] = []
         except BaseException:
             self.close()
             raise
 
     def snapshot(self) -> tuple[float, float]:
-        """One snapshot while the child trains: (seconds of ``capture()``, stall in the child)."""
+        """One snapshot while the child trains: (seconds of ``persist()``, stall in the
+        child); then the prune the daemon would run, timed into :attr:`prunes`."""
         self.child.send("train")
         begin = time.perf_counter()
-        outcome = capture(
-            self.experiment,
-            self.store,
-            _KEEP,
-            timeout=_SAFE_POINT_TIMEOUT,
-            now=datetime.now(UTC),
+        outcome = persist(
+            self.experiment, self.store, timeout=_SAFE_POINT_TIMEOUT, now=datetime.now(UTC)
         )
         elapsed = time.perf_counter() - begin
+        self.store.prune(RUN, _KEEP)
+        self.prunes.append(time.perf_counter() - begin - elapsed)
         assert outcome.step is not None
         answer = self.child.request("pause", steps=[outcome.step])
         return elapsed, float(answer["durations"][str(outcome.step)])
@@ -212,8 +214,19 @@ class Stall(_OnRig):
 
 
 class Persist(_OnRig):
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.prunes: list[float] = []
+
+    def setup(self) -> None:
+        super().setup()
+        self.prunes = self._rig().prunes  # kept for notes(), which comes after teardown
+
     def run(self) -> None:
         self.value, _ = self._rig().snapshot()
+
+    def notes(self) -> dict[str, Any]:
+        return {"prune_s": statistics.median(self.prunes)} if self.prunes else {}
 
 
 class InChild(_OnRig):
@@ -619,7 +632,7 @@ def _stall(ctx: Context) -> Bench:
 
 @case(
     "live.persist",
-    "persist: capture(), request -> durable commit (daemon side)",
+    "persist: request -> durable commit (daemon side)",
     group="snapshotd",
     limit="limit.write_fsync",
     states=LARGE + SMALL,
