@@ -5,7 +5,9 @@ Writing follows one protocol, in this order (docs/FORMAT.md, "Commit"):
 1. create a temporary file in the destination directory (``O_EXCL``, mode 0600), named
    ``.tmp.<final name>.<pid>.<random>`` so a crashed writer's leftovers are recognisable;
 2. preallocate the whole size, so a full disk fails before any data is written;
-3. write header and tensors with a loop that honours short writes;
+3. write the data section, digesting it as it goes and starting its writeback group by
+   group, then the header (which holds the digests) at offset 0; every write loop
+   honours short writes;
 4. ``fsync`` the file, close it;
 5. ``rename`` it to the final name, ``fsync`` the directory.
 
