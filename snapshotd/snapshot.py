@@ -43,10 +43,12 @@ import numpy as np
 from snapshotd.crashpoint import crashpoint
 from snapshotd.errors import CommitFailed, SnapshotCorrupt, StoreError, UsageError
 from snapshotd.format import (
+    Digester,
     Header,
     Layout,
     Meta,
     Template,
+    Tensor,
     decode_header,
     digest,
     digester,
@@ -75,7 +77,6 @@ TMP_PREFIX = ".tmp."
 #: A C-contiguous bytes-like object: a memoryview or a contiguous ndarray.
 Buffer = Any
 _IOV_MAX = 1024
-_READ_CHUNK = 64 << 20
 
 
 @contextlib.contextmanager
@@ -236,7 +237,7 @@ def _write_temporary(path: Path, encoded: Encoded) -> None:
 def _write_data(fd: int, payload: Payload, start: int) -> list[str]:
     """Write the data section at the file position (``start``); return the digests.
 
-    The data goes out in groups of about :data:`WRITEBACK_UNIT` bytes. Each group is
+    The data goes out in groups of about :data:`IO_UNIT` bytes. Each group is
     digested first, then written while its bytes are still in the CPU cache; then the
     writeback of that group to the disk is started (``sync_file_range``), so the disk
     works while the next group is digested and copied, and the final fsync finds little
@@ -250,8 +251,8 @@ def _write_data(fd: int, payload: Payload, start: int) -> list[str]:
     sizes = payload.layout.sizes
     digests: list[str] = []
     offset = start
-    for begin, end in payload.layout.groups(WRITEBACK_UNIT):
-        if end - begin == 1 and sizes[begin] > WRITEBACK_UNIT:
+    for begin, end in payload.layout.groups(IO_UNIT):
+        if end - begin == 1 and sizes[begin] > IO_UNIT:
             digests.append(_write_streamed(fd, pieces[begin], offset))
         else:
             digests.extend(map(digest, pieces[begin:end]))
@@ -265,8 +266,8 @@ def _write_streamed(fd: int, buffer: Buffer, offset: int) -> str:
     """Write one big tensor in pieces, starting each one's writeback; return its digest."""
     view = memoryview(buffer).cast("B")
     streamed = digester()
-    for at in range(0, view.nbytes, WRITEBACK_UNIT):
-        part = view[at : at + WRITEBACK_UNIT]
+    for at in range(0, view.nbytes, IO_UNIT):
+        part = view[at : at + IO_UNIT]
         streamed.update(part)
         _write_all(fd, [part], [part.nbytes])
         _writeback.start(fd, offset + at, part.nbytes)
@@ -282,9 +283,10 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-#: Bytes written between two starts of writeback: big enough to keep the disk's queue
-#: full, small enough to be digested while still in the CPU cache.
-WRITEBACK_UNIT = 8 << 20
+#: Bytes of tensors read or written (and digested) as one group: big enough to keep the
+#: disk's queue full between two starts of writeback, small enough to stay in the CPU
+#: cache between the copy and the digest.
+IO_UNIT = 8 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 #: errnos that mean "no sync_file_range here" (not a failed write): stop calling it.
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE})
@@ -424,8 +426,8 @@ def read(path: Path) -> Loaded:
     """
     with _open_regular(path) as (fd, size):
         header = _header_from(fd, size, str(path))
-        data = _read_data(fd, header, str(path))
-    return Loaded(header, _verified_views(data, header, str(path)))
+        data = _read_verified(fd, header, str(path))
+    return Loaded(header, header.layout.views(data))
 
 
 class _open_regular:
@@ -459,25 +461,82 @@ def _header_from(fd: int, size: int, source: str) -> Header:
     return decode_header(region, size, source)
 
 
-def _read_data(fd: int, header: Header, source: str) -> np.ndarray[Any, Any]:
+def _read_verified(fd: int, header: Header, source: str) -> np.ndarray[Any, Any]:
+    """Read the data section into one fresh buffer, checking every digest on the way.
+
+    Piece by piece, as the writer wrote them (groups of tensors of about
+    :data:`IO_UNIT` bytes; a bigger tensor in pieces of that size): each piece is
+    digested right after it was read, while still in the CPU cache, instead of reading
+    the whole section from memory a second time. (Reading ahead in a helper thread was
+    slower: the digest holds the GIL, so the reader waited for it at every piece.)
+
+    Raises:
+        SnapshotCorrupt: the file ended early or a digest does not match.
+    """
     data = np.empty(header.layout.data_size, dtype=np.uint8)
-    view, offset = data.data, 0
-    while offset < data.nbytes:
-        end = min(offset + _READ_CHUNK, data.nbytes)
-        got = os.preadv(fd, [view[offset:end]], header.data_start + offset)
-        if got == 0:
-            raise SnapshotCorrupt(source, f"file ended {data.nbytes - offset} bytes early")
-        offset += got
+    view = data.data
+    streamed = digester()
+    for piece in _pieces(header.layout):
+        _read_into(fd, view[piece.begin : piece.end], header.data_start + piece.begin, source)
+        streamed = _check(view, piece, streamed, header.digests, source)
     return data
 
 
-def _verified_views(
-    data: np.ndarray[Any, Any], header: Header, source: str
-) -> dict[str, np.ndarray[Any, Any]]:
-    for tensor in header.layout.tensors:
-        if digest(data[tensor.begin : tensor.end]) != header.digests[tensor.name]:
-            raise SnapshotCorrupt(source, f"digest mismatch in tensor {tensor.name!r}")
-    return header.layout.views(data)
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """``[begin, end)`` of the data section, read in one call: whole ``tensors``, or a
+    part of one tensor bigger than :data:`IO_UNIT` (``part_of``)."""
+
+    begin: int
+    end: int
+    tensors: tuple[Tensor, ...] = ()
+    part_of: Tensor | None = None
+
+
+def _pieces(layout: Layout) -> list[_Piece]:
+    pieces = []
+    for begin, end in layout.groups(IO_UNIT):
+        first, last = layout.tensors[begin], layout.tensors[end - 1]
+        if end - begin > 1 or first.nbytes <= IO_UNIT:
+            pieces.append(_Piece(first.begin, last.end, layout.tensors[begin:end]))
+        else:
+            pieces.extend(
+                _Piece(at, min(at + IO_UNIT, first.end), part_of=first)
+                for at in range(first.begin, first.end, IO_UNIT)
+            )
+    return pieces
+
+
+def _check(
+    view: memoryview, piece: _Piece, streamed: Digester, digests: Mapping[str, str], source: str
+) -> Digester:
+    """Digest a piece just read and check what it completes; return the stream to go on
+    with (a fresh one when a big tensor begins)."""
+    for tensor in piece.tensors:
+        _compare(digest(view[tensor.begin : tensor.end]), tensor, digests, source)
+    big = piece.part_of
+    if big is not None:
+        if piece.begin == big.begin:
+            streamed = digester()
+        streamed.update(view[piece.begin : piece.end])
+        if piece.end == big.end:
+            _compare(streamed.hexdigest(), big, digests, source)
+    return streamed
+
+
+def _compare(found: str, tensor: Tensor, digests: Mapping[str, str], source: str) -> None:
+    if found != digests[tensor.name]:
+        raise SnapshotCorrupt(source, f"digest mismatch in tensor {tensor.name!r}")
+
+
+def _read_into(fd: int, target: memoryview, offset: int, source: str) -> None:
+    """Fill ``target`` with the file's bytes from ``offset`` (resuming after short reads)."""
+    done = 0
+    while done < target.nbytes:
+        got = os.preadv(fd, [target[done:]], offset + done)
+        if got == 0:
+            raise SnapshotCorrupt(source, f"file ended {target.nbytes - done} bytes early")
+        done += got
 
 
 def save(

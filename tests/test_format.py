@@ -687,7 +687,7 @@ def test_layout_groups_cover_every_tensor_in_order_within_the_limit(limit: int) 
 
 
 def test_tensors_bigger_than_a_writeback_unit_are_digested_in_pieces(tmp_path: Path) -> None:
-    unit = snapshot.WRITEBACK_UNIT
+    unit = snapshot.IO_UNIT
     rng = np.random.default_rng(11)
     state = {
         "small": rng.standard_normal(10),
