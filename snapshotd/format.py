@@ -29,7 +29,7 @@ import itertools
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -89,9 +89,9 @@ _FROM_SAFETENSORS = {
 _AS_PAIRS = {"complex128": "F64"}
 
 
-def digest(buffer: Any) -> str:
-    """xxh3-128 of a bytes-like object (any contiguous buffer), as 32 hex digits."""
-    return xxhash.xxh3_128_hexdigest(buffer)
+#: xxh3-128 of a bytes-like object (any contiguous buffer), as 32 hex digits. The C
+#: function itself, not a wrapper: a state of 20,000 arrays calls it 20,000 times.
+digest: Callable[[Any], str] = xxhash.xxh3_128_hexdigest
 
 
 def digester() -> Digester:
@@ -216,6 +216,11 @@ class Layout:
         return tuple(groups)
 
     @functools.cached_property
+    def slices(self) -> tuple[slice, ...]:
+        """Each tensor's ``slice`` of the data section, in layout order."""
+        return tuple(slice(t.begin, t.end) for t in self.tensors)
+
+    @functools.cached_property
     def sizes(self) -> tuple[int, ...]:
         """Each tensor's byte size, in layout order."""
         return tuple(t.end - t.begin for t in self.tensors)
@@ -308,10 +313,11 @@ class Template:
     """
 
     __slots__ = (
+        "_closing",
         "_digest_keys",
-        "_digests_length",
         "_dtypes",
-        "_entries",
+        "_fixed_length",
+        "_middle",
         "_tree",
         "kinds",
         "layout",
@@ -322,7 +328,7 @@ class Template:
         self.layout = layout
         self.structure = structure
         self.kinds = kinds
-        self._tree = _literal(_compact(structure))
+        self._tree = _literal(_compact(structure)).encode()
         self._dtypes = _literal(
             _compact({t.name: t.dtype.name for t in layout.tensors if _code(t.dtype)[1]})
         )
@@ -332,10 +338,15 @@ class Template:
             _literal(("{" if i == 0 else '",') + _literal(name) + ':"')[1:-1]
             for i, name in enumerate(layout.names)
         )
+        self._middle = (
+            f',"{_PREFIX}digest":{_literal(DIGEST_ALGORITHM)},"{_PREFIX}digests":'.encode()
+        )
         entries = layout.entries_json
-        self._entries = "," + entries if entries else ""
-        # Every digest is 32 hex digits, so the header's length is known before them.
-        self._digests_length = len(self._digests(["0" * 32] * len(self._digest_keys)))
+        # After the header digest's 32 digits: the end of the metadata, then the tensors.
+        self._closing = ('"}' + ("," + entries if entries else "") + "}").encode()
+        # Every digest has 32 digits, so the header's length is known before them.
+        digests = len(self._digests(["0" * 32] * len(self._digest_keys)))
+        self._fixed_length = len(self._tree) + len(self._middle) + digests + 32 + len(self._closing)
 
     def fits(self, layout: Layout, structure: Structure, kinds: str | None) -> bool:
         """True when this template describes ``layout`` and ``structure``.
@@ -347,9 +358,8 @@ class Template:
 
     def length(self, meta: Meta) -> int:
         """The length of the header region :meth:`render` gives for ``meta`` (any digests)."""
-        metadata = self._metadata(meta, "0" * self._digests_length)
-        text = len('{"__metadata__":') + len(metadata) + len(self._entries) + 1
-        return 8 + text + (-(8 + text) % ALIGN)
+        head, tail = self._around(meta)
+        return _region_length(len(head) + self._fixed_length + len(tail))
 
     def render(self, meta: Meta, digests: Sequence[str]) -> bytes:
         """The complete header region: length prefix, JSON, padding to the 64-byte boundary.
@@ -361,17 +371,31 @@ class Template:
             raise ValueError("the header's structure is not the template's")
         if len(digests) != len(self._digest_keys):
             raise ValueError(f"{len(digests)} digests for {len(self._digest_keys)} tensors")
-        metadata = self._metadata(meta, self._digests(digests))
-        text = f'{{"__metadata__":{metadata}{self._entries}}}'.encode("ascii")
-        padded = len(text) + (-(8 + len(text)) % ALIGN)
-        region = bytearray(struct.pack("<Q", padded) + text.ljust(padded, b" "))
-        # The header digest is the last metadata value: its 32 zeros end 2 characters
-        # (the closing quote and brace) before the metadata does.
-        at = 8 + len('{"__metadata__":') + len(metadata) - 2 - 32
-        region[at : at + 32] = digest(region).encode()
-        return bytes(region)
+        head, tail = self._around(meta)
+        parts = [
+            b"",  # the length prefix, below
+            head,
+            self._tree,
+            self._middle,
+            self._digests(digests).encode("ascii"),
+            tail,
+            _ZERO_DIGEST.encode(),  # the header digest: zeros while it is computed
+            self._closing,
+        ]
+        text = sum(map(len, parts))
+        region = _region_length(text)
+        parts[0] = struct.pack("<Q", region - 8)
+        parts.append(b" " * (region - 8 - text))
+        # The header digest is computed over the parts, then put in place of its zeros:
+        # the 3 MB header of 20,000 arrays is then joined once, with no copy in between.
+        stream = digester()
+        for part in parts:
+            stream.update(part)
+        parts[6] = stream.hexdigest().encode()
+        return b"".join(parts)
 
-    def _metadata(self, meta: Meta, digests_field: str) -> str:
+    def _around(self, meta: Meta) -> tuple[bytes, bytes]:
+        """The metadata before the tree, and from the digests' end to the header digest."""
         fields = (
             ("format", _literal(FORMAT)),
             ("name", _literal(meta.name)),
@@ -379,14 +403,13 @@ class Template:
             ("step", _literal("" if meta.step is None else str(meta.step))),
             ("created", _literal(_timestamp(meta.created))),
             ("safe_point", _literal({None: "", True: "true", False: "false"}[meta.safe_point])),
-            ("tree", self._tree),
-            ("digest", _literal(DIGEST_ALGORITHM)),
-            ("digests", digests_field),
-            ("dtypes", self._dtypes),
-            ("user", _literal(_compact(dict(meta.user)))),
-            ("header_digest", _literal(_ZERO_DIGEST)),
         )
-        return "{" + ",".join(f'"{_PREFIX}{key}":{value}' for key, value in fields) + "}"
+        head = ",".join(f'"{_PREFIX}{key}":{value}' for key, value in fields)
+        user = _literal(_compact(dict(meta.user)))
+        tail = (
+            f',"{_PREFIX}dtypes":{self._dtypes},"{_PREFIX}user":{user},"{_PREFIX}header_digest":"'
+        )
+        return f'{{"__metadata__":{{{head},"{_PREFIX}tree":'.encode(), tail.encode()
 
     def _digests(self, digests: Sequence[str]) -> str:
         if not digests:
@@ -399,6 +422,11 @@ class Template:
 def encode_header(layout: Layout, meta: Meta, digests: Mapping[str, str]) -> bytes:
     """The header region of one snapshot (:class:`Template` for many of the same state)."""
     return Template(layout, meta.structure).render(meta, [digests[n] for n in layout.names])
+
+
+def _region_length(text: int) -> int:
+    """The header region's size for a JSON text of ``text`` bytes: prefix plus padding."""
+    return 8 + text + (-(8 + text) % ALIGN)
 
 
 def _timestamp(created: datetime) -> str:

@@ -148,20 +148,29 @@ class Payload:
         return cls(layout, structure, (data[: layout.data_size],))
 
     @property
-    def sizes(self) -> tuple[int, ...]:
-        """The byte size of each buffer."""
-        if len(self.buffers) == len(self.layout.tensors):
-            return self.layout.sizes
-        return (self.layout.data_size,)
+    def contiguous(self) -> bool:
+        """True when the data is one buffer (an arena), not one buffer per tensor."""
+        return len(self.buffers) != len(self.layout.tensors)
+
+    def span(
+        self, begin: int, end: int, pieces: Sequence[Buffer]
+    ) -> tuple[Sequence[Buffer], Sequence[int]]:
+        """The buffers holding tensors ``begin..end-1`` and their sizes, for one ``writev``:
+        one slice of a contiguous payload, else the tensors' own ``pieces``."""
+        sizes = self.layout.sizes[begin:end]
+        if not self.contiguous:
+            return pieces[begin:end], sizes
+        first = self.layout.tensors[begin].begin
+        total = sum(sizes)
+        return [self.buffers[0][first : first + total]], [total]
 
     def tensor_bytes(self) -> Iterator[Buffer]:
         """Each tensor's bytes, in layout order."""
-        if len(self.buffers) == len(self.layout.tensors):
+        if not self.contiguous:
             yield from self.buffers
             return
         (data,) = self.buffers
-        for tensor in self.layout.tensors:
-            yield data[tensor.begin : tensor.end]
+        yield from map(data.__getitem__, self.layout.slices)
 
 
 def template_for(payload: Payload, previous: Template | None = None) -> Template:
@@ -256,7 +265,7 @@ def _write_data(fd: int, payload: Payload, start: int) -> list[str]:
             digests.append(_write_streamed(fd, pieces[begin], offset))
         else:
             digests.extend(map(digest, pieces[begin:end]))
-            _write_all(fd, pieces[begin:end], sizes[begin:end])
+            _write_all(fd, *payload.span(begin, end, pieces))
             _writeback.start(fd, offset, sum(sizes[begin:end]))
         offset += sum(sizes[begin:end])
     return digests

@@ -634,6 +634,7 @@ def test_a_template_renders_exactly_the_documented_json(
     rendered = template.render(meta, [digests[name] for name in layout.names])
 
     assert rendered == reference_header(layout, meta, digests)
+    assert template.length(meta) == len(rendered)
     data_size = layout.data_size
     assert decode(rendered + b"\0" * data_size).meta.structure == flat.structure
 
