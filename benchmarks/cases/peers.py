@@ -1,12 +1,13 @@
 """Peers: other ways to save and load the same state, each made durable the same way.
 
 - ``pickle.dump(state, f, protocol=HIGHEST_PROTOCOL)`` + fsync: the Theano tutorial's way
-  ("Loading and Saving"), and ``pickle.load`` of that file;
+  ("Loading and Saving"), and ``pickle.load`` of that file; also ``pickle.dump`` alone,
+  not durable, as the strictest reference for committing many small arrays (S3);
 - ``np.savez(f, **state)`` + fsync;
 - ``safetensors.numpy.save_file`` + fsync (it closes the file itself, so the fsync opens it
   again), and ``safetensors.numpy.load_file`` with the page cache warm.
 
-Every write goes to a new file; the runner unlinks it and ``os.sync()``s between runs.
+Every durable write goes to a new file; the runner unlinks it and ``os.sync()``s between runs.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ class PickleDump(_Writer):
             os.fsync(stream.fileno())
 
 
+class PickleDumpVolatile(_Writer):
+    """``pickle.dump`` with no fsync: not durable, the issue's strictest comparison."""
+
+    suffix = ".pkl"
+
+    def run(self) -> None:
+        with open(self.path, "wb") as stream:
+            pickle.dump(self.ctx.state.arrays, stream, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 class PickleLoad(_Reader):
     suffix = ".pkl"
 
@@ -121,6 +132,18 @@ class SafetensorsLoad(_Reader):
 )
 def _pickle_dump(ctx: Context) -> Bench:
     return PickleDump(ctx)
+
+
+@case(
+    "peer.pickle_dump",
+    "pickle.dump(HIGHEST), no fsync (not durable)",
+    group="peer",
+    limit=WRITE_LIMIT,
+    states=("d",),
+    short="pickle (no fsync)",
+)
+def _pickle_dump_volatile(ctx: Context) -> Bench:
+    return PickleDumpVolatile(ctx)
 
 
 @case("peer.savez_fsync", "np.savez + fsync", group="peer", limit=WRITE_LIMIT, short="savez")
