@@ -112,11 +112,11 @@ class Store:
         # reuses its layout and the prepared bulk of its header.
         self._templates: dict[str, Template] = {}
         # Snapshot files never change once committed, so what was read of one (keyed by
-        # its inode, size and mtime) is remembered: a daemon that prunes after every
+        # its inode, size, mtime and ctime) is remembered: a daemon that prunes after every
         # commit then reads only the new file, not the headers of every version again.
-        self._described: dict[tuple[str, int], tuple[tuple[int, int, int], Version]] = {}
+        self._described: dict[tuple[str, int], tuple[tuple[int, int, int, int], Version]] = {}
         # The last file this store committed per run, known good without reading it back.
-        self._written: dict[str, tuple[int, int, int]] = {}
+        self._written: dict[str, tuple[int, int, int, int]] = {}
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -491,13 +491,16 @@ def _listed(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """Inode, size and mtime of a file: a different file, or a changed one, differs."""
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    """Inode, size, mtime and ctime of a file: a different file, or a changed one, differs.
+
+    The ctime too: a program that rewrites a file can set its mtime back, not its ctime.
+    """
     try:
         info = os.stat(path, follow_symlinks=False)
     except OSError:
         return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns)
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _record_version(lock_fd: int, version: int) -> None:

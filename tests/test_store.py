@@ -569,6 +569,29 @@ def test_prune_never_lets_a_damaged_newest_version_anchor_the_policy(
     assert store.load("run")["i"] == 2
 
 
+def test_a_file_rewritten_with_its_mtime_set_back_is_not_trusted(
+    store: snapshotd.Store, root: Path
+) -> None:
+    """The store remembers the files it wrote and read by inode, size, mtime and ctime:
+    a rewrite that restores the mtime still changes the ctime, so it is verified again."""
+    commit_series(store, "run", 4, timedelta(hours=1))
+    path = file_of(root, "run", 4)
+    before = path.stat()
+    flip_last_byte(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+
+    decisions = store.prune("run", Policy(last=1))
+
+    assert {d.version for d in decisions if d.keep} == {3}
+    assert [p.name for p in store.quarantined("run")] == ["v000004.safetensors"]
+
+
 def test_prune_of_an_unknown_run_does_nothing(store: snapshotd.Store, tmp_path: Path) -> None:
     assert store.prune("nobody", Policy(last=1)) == []
     assert list(tmp_path.iterdir()) == []
