@@ -28,11 +28,12 @@ import functools
 import itertools
 import json
 import math
+import operator
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import xxhash
@@ -104,11 +105,12 @@ class Digester(Protocol):
     def hexdigest(self) -> str: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Tensor:
+class Tensor(NamedTuple):
     """One tensor of a layout: its logical dtype and shape and where its bytes lie.
 
-    ``begin``/``end`` are offsets into the data section.
+    ``begin``/``end`` are offsets into the data section. A named tuple rather than a
+    frozen dataclass: reading the header of a 20,000-array state makes 20,000 of them,
+    and a tuple is made in half the time.
     """
 
     name: str
@@ -240,8 +242,10 @@ class Layout:
 
     def views(self, buffer: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
         """Typed views of ``buffer`` (uint8, the data section) per tensor; no copy."""
+        # One constructor call per tensor (slice, view and reshape were three).
         return {
-            t.name: buffer[t.begin : t.end].view(t.dtype).reshape(t.shape) for t in self.tensors
+            t.name: np.ndarray(t.shape, t.dtype, buffer=buffer, offset=t.begin)
+            for t in self.tensors
         }
 
     def matches(self, arrays: Mapping[str, np.ndarray[Any, Any]]) -> bool:
@@ -502,8 +506,8 @@ def _build_header(document: dict[str, Any], data_start: int) -> Header:
     if set(digests) != names:
         raise ValueError("digests do not name exactly the tensors")
     built = _build_meta(meta)
-    check_structure(built.structure)
-    if sorted(tensor_names(built.structure)) != sorted(names):
+    referred = check_structure(built.structure)
+    if len(referred) != len(names) or set(referred) != names:
         raise ValueError("the tree does not refer to exactly the tensors")
     return Header(layout, built, digests, data_start)
 
@@ -511,7 +515,7 @@ def _build_header(document: dict[str, Any], data_start: int) -> Header:
 def _build_layout(document: Mapping[str, Any], special: Mapping[str, str]) -> Layout:
     tensors = sorted(
         (_build_tensor(name, entry, special.get(name)) for name, entry in document.items()),
-        key=lambda t: (t.begin, t.end),
+        key=_BY_OFFSETS,
     )
     offset = 0
     for tensor in tensors:
@@ -521,19 +525,25 @@ def _build_layout(document: Mapping[str, Any], special: Mapping[str, str]) -> La
     return Layout(tuple(tensors), offset)
 
 
+_BY_OFFSETS = operator.attrgetter("begin", "end")
+
+
 def _build_tensor(name: str, entry: Mapping[str, Any], logical: str | None) -> Tensor:
-    begin, end = (int(x) for x in entry["data_offsets"])
-    shape = [int(n) for n in entry["shape"]]
-    if len(shape) > MAX_NDIM or any(n < 0 for n in shape):
-        raise ValueError(f"tensor {name!r} has an invalid shape {shape}")
+    begin, end = entry["data_offsets"]
+    if type(begin) is not int or type(end) is not int:
+        raise ValueError(f"tensor {name!r}: data_offsets must be integers")
+    shape = tuple(entry["shape"])
+    if len(shape) > MAX_NDIM or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"tensor {name!r} has an invalid shape {list(shape)}")
+    count = math.prod(shape)
     dtype = _FROM_SAFETENSORS[entry["dtype"]]
     if logical is not None:
         if _AS_PAIRS.get(logical) != entry["dtype"] or not shape or shape[-1] != 2:
             raise ValueError(f"tensor {name!r} cannot be {logical}")
-        dtype, shape = np.dtype(logical).newbyteorder("<"), shape[:-1]
-    if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+        dtype, shape, count = np.dtype(logical).newbyteorder("<"), shape[:-1], count // 2
+    if end - begin != count * dtype.itemsize or begin < 0:
         raise ValueError(f"tensor {name!r}: offsets {begin}..{end} do not fit its shape")
-    return Tensor(name, dtype, tuple(shape), begin, end)
+    return Tensor(name, dtype, shape, begin, end)
 
 
 def _build_meta(meta: Mapping[str, str]) -> Meta:
@@ -546,23 +556,3 @@ def _build_meta(meta: Mapping[str, str]) -> Meta:
         safe_point={"": None, "true": True, "false": False}[meta["safe_point"]],
         user=json.loads(meta["user"]),
     )
-
-
-def tensor_names(structure: Structure) -> Sequence[str]:
-    """Every tensor name a structure refers to, in tree order."""
-    names: list[str] = []
-    _collect(structure, names)
-    return names
-
-
-def _collect(node: Structure, names: list[str]) -> None:
-    if isinstance(node, dict) and len(node) == 1:
-        ((tag, body),) = node.items()
-        if tag in ("a", "s"):
-            names.append(body)
-        elif tag in ("t", "l"):
-            for child in body:
-                _collect(child, names)
-        elif tag == "d":
-            for _key, child in body:
-                _collect(child, names)

@@ -36,14 +36,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import numpy as np
 
 from snapshotd.crashpoint import crashpoint
 from snapshotd.errors import CommitFailed, SnapshotCorrupt, StoreError, UsageError
 from snapshotd.format import (
-    Digester,
     Header,
     Layout,
     Meta,
@@ -483,23 +482,40 @@ def _read_verified(fd: int, header: Header, source: str) -> np.ndarray[Any, Any]
     Raises:
         SnapshotCorrupt: the file ended early or a digest does not match.
     """
-    data = np.empty(header.layout.data_size, dtype=np.uint8)
+    layout = header.layout
+    data = np.empty(layout.data_size, dtype=np.uint8)
     view = data.data
+    # The digests in layout order, to compare a group's with one list comparison.
+    expected = [header.digests[name] for name in layout.names]
     streamed = digester()
-    for piece in _pieces(header.layout):
+    for piece in _pieces(layout):
         _read_into(fd, view[piece.begin : piece.end], header.data_start + piece.begin, source)
-        streamed = _check(view, piece, streamed, header.digests, source)
+        big = piece.part_of
+        if big is None:
+            found = list(
+                map(digest, map(view.__getitem__, layout.slices[piece.first : piece.last]))
+            )
+            if found != expected[piece.first : piece.last]:
+                _mismatch(layout, piece.first, found, expected[piece.first :], source)
+            continue
+        if piece.begin == big.begin:
+            streamed = digester()
+        streamed.update(view[piece.begin : piece.end])
+        if piece.end == big.end and streamed.hexdigest() != expected[piece.first]:
+            _mismatch(layout, piece.first, [""], expected[piece.first :], source)
     return data
 
 
 @dataclass(frozen=True, slots=True)
 class _Piece:
-    """``[begin, end)`` of the data section, read in one call: whole ``tensors``, or a
-    part of one tensor bigger than :data:`IO_UNIT` (``part_of``)."""
+    """``[begin, end)`` of the data section, read in one call: tensors ``first`` to
+    ``last - 1`` whole, or a part of one tensor bigger than :data:`IO_UNIT` (``part_of``,
+    tensor ``first``)."""
 
     begin: int
     end: int
-    tensors: tuple[Tensor, ...] = ()
+    first: int
+    last: int
     part_of: Tensor | None = None
 
 
@@ -508,35 +524,22 @@ def _pieces(layout: Layout) -> list[_Piece]:
     for begin, end in layout.groups(IO_UNIT):
         first, last = layout.tensors[begin], layout.tensors[end - 1]
         if end - begin > 1 or first.nbytes <= IO_UNIT:
-            pieces.append(_Piece(first.begin, last.end, layout.tensors[begin:end]))
+            pieces.append(_Piece(first.begin, last.end, begin, end))
         else:
             pieces.extend(
-                _Piece(at, min(at + IO_UNIT, first.end), part_of=first)
+                _Piece(at, min(at + IO_UNIT, first.end), begin, end, part_of=first)
                 for at in range(first.begin, first.end, IO_UNIT)
             )
     return pieces
 
 
-def _check(
-    view: memoryview, piece: _Piece, streamed: Digester, digests: Mapping[str, str], source: str
-) -> Digester:
-    """Digest a piece just read and check what it completes; return the stream to go on
-    with (a fresh one when a big tensor begins)."""
-    for tensor in piece.tensors:
-        _compare(digest(view[tensor.begin : tensor.end]), tensor, digests, source)
-    big = piece.part_of
-    if big is not None:
-        if piece.begin == big.begin:
-            streamed = digester()
-        streamed.update(view[piece.begin : piece.end])
-        if piece.end == big.end:
-            _compare(streamed.hexdigest(), big, digests, source)
-    return streamed
-
-
-def _compare(found: str, tensor: Tensor, digests: Mapping[str, str], source: str) -> None:
-    if found != digests[tensor.name]:
-        raise SnapshotCorrupt(source, f"digest mismatch in tensor {tensor.name!r}")
+def _mismatch(
+    layout: Layout, first: int, found: Sequence[str], expected: Sequence[str], source: str
+) -> NoReturn:
+    """Raise for the first tensor (from index ``first``) whose digest is not the expected."""
+    bad = next(i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b)
+    name = layout.tensors[first + bad].name
+    raise SnapshotCorrupt(source, f"digest mismatch in tensor {name!r}")
 
 
 def _read_into(fd: int, target: memoryview, offset: int, source: str) -> None:

@@ -29,7 +29,7 @@ from snapshotd import rendezvous
 from snapshotd.arena import Arena, layout_of, map_readonly, table_of
 from snapshotd.channel import Channel, connect
 from snapshotd.errors import PeerError, RemoteProtocolError, SnapshotSkipped
-from snapshotd.format import Layout, tensor_names
+from snapshotd.format import Layout
 from snapshotd.protocol import (
     Done,
     Hello,
@@ -117,11 +117,10 @@ def _check_tree(structure: Any, table: TensorTable) -> None:
     Checked before committing: a file with a bad tree would only be found corrupt later.
     """
     try:
-        check_structure(structure)
+        named = check_structure(structure)
     except ValueError as exc:
         raise RemoteProtocolError(f"the state's structure is malformed: {exc}") from exc
-    named = sorted(tensor_names(structure))
-    if named != sorted(e.name for e in table.entries):
+    if sorted(named) != sorted(e.name for e in table.entries):
         raise RemoteProtocolError("the state's structure and its tensors disagree")
 
 

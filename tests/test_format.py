@@ -404,6 +404,12 @@ def _tree_names_ghost(document: Document) -> None:
     )
 
 
+def _tree_unknown_node(document: Document) -> None:
+    document["__metadata__"]["snapshotd.tree"] = json.dumps(
+        {"d": [["a", {"a": "a"}], ["b", {"a": "b"}], ["x", {"set": []}]]}
+    )
+
+
 def _tree_misses_a_tensor(document: Document) -> None:
     document["__metadata__"]["snapshotd.tree"] = json.dumps({"d": [["a", {"a": "a"}]]})
 
@@ -446,6 +452,15 @@ REJECTED: list[Any] = [
         _forged(_set_entry("a", shape=[-1, -3])), "invalid shape", id="negative-dims-product"
     ),
     pytest.param(_forged(_set_entry("a", dtype="F8_E4M3")), "F8_E4M3", id="unknown-dtype"),
+    pytest.param(_forged(_set_entry("a", shape=[3.0])), "invalid shape", id="float-dim"),
+    pytest.param(_forged(_set_entry("a", shape=["3"])), "invalid shape", id="string-dim"),
+    pytest.param(_forged(_set_entry("a", shape=[[3]])), "malformed", id="list-dim"),
+    pytest.param(_forged(_set_entry("a", shape=[1] * 65)), "invalid shape", id="65-dims"),
+    pytest.param(
+        _forged(_set_entry("a", data_offsets=[0.0, 24.0])), "integers", id="float-offsets"
+    ),
+    pytest.param(_forged(_set_entry("a", data_offsets=[0, 8, 24])), "malformed", id="3-offsets"),
+    pytest.param(_forged(_tree_unknown_node), "unknown structure node", id="tree-unknown-node"),
     pytest.param(_forged(_set_entry("a", data_offsets=[-24, 0])), "offsets", id="negative-offset"),
     pytest.param(_forged(_tree_names_ghost), "tree", id="tree-names-missing-tensor"),
     pytest.param(_forged(_tree_misses_a_tensor), "tree", id="tree-omits-a-tensor"),

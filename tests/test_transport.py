@@ -498,6 +498,17 @@ def state_repeating_an_unknown_description(peer: RawPeer, fake: FakeExperiment) 
     fake.release.wait(10)
 
 
+def state_with_an_unknown_tree_node(peer: RawPeer, fake: FakeExperiment) -> None:
+    req = request(peer)
+    arena = Arena(4096, "fake")
+    try:
+        tree = {"d": [["x", {"a": "x"}], ["y", {"set": []}]]}
+        peer.send(StateReady(req.id, 1, True, tree, one_tensor(4096), 1), arena.fd)
+    finally:
+        arena.close()
+    fake.release.wait(10)
+
+
 def state_with_two_descriptors(peer: RawPeer, fake: FakeExperiment) -> None:
     req = request(peer)
     fds = [memfd(4096, fill=7), memfd(4096, fill=7)]
@@ -538,6 +549,9 @@ MISBEHAVIOURS = {
     ),
     "state-in-a-pipe": Misbehaviour(state_in_a_pipe, (RemoteProtocolError,), 1.0, True),
     "wrong-request-id": Misbehaviour(state_for_another_request, (RemoteProtocolError,), 1.0, True),
+    "unknown-tree-node": Misbehaviour(
+        state_with_an_unknown_tree_node, (RemoteProtocolError,), 1.0, True
+    ),
     "repeats-an-unknown-description": Misbehaviour(
         state_repeating_an_unknown_description, (RemoteProtocolError,), 1.0, True
     ),

@@ -602,3 +602,31 @@ def test_random_trees_round_trip_through_a_file(state: Any) -> None:
     # Wrapped in a list: a bare leaf as the whole state is test_a_single_leaf_is_a_whole_state.
     with tempfile.TemporaryDirectory() as directory:
         assert_identical([state], via_save([state], Path(directory)))
+
+
+def test_check_structure_returns_the_tensor_names_in_tree_order() -> None:
+    flat = tree.flatten(
+        {"w": np.zeros(2), "opt": [np.ones(1), {"m": np.int8(3), "lr": 0.1}], "t": (np.zeros(0),)}
+    )
+
+    assert tree.check_structure(flat.structure) == list(flat.arrays)
+
+
+@pytest.mark.parametrize(
+    "structure",
+    [
+        {"set": []},
+        {"d": [["k", {"zz": 1}]]},
+        {"l": [{"a": 3}]},
+        {"d": [["k", {"a": "x", "s": "y"}]]},
+        {"t": "not a list"},
+        {"d": [[True, {"a": "x"}]]},
+        {"fb": "nothex!!nothex!!"},
+        [1, 2],
+    ],
+)
+def test_check_structure_raises_value_error_for_anything_it_does_not_write(
+    structure: Any,
+) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 (the message varies by node)
+        tree.check_structure(structure)
