@@ -82,10 +82,15 @@ def table_of(layout: Layout) -> TensorTable:
 
 
 def layout_of(table: TensorTable) -> Layout:
-    """The layout a (validated) wire table describes."""
+    """The layout a (validated) wire table describes, in offset order.
+
+    A table may list its entries in any order (PROTOCOL.md); a layout is in the order of
+    the bytes, which is the order a snapshot file lists and writes its tensors in.
+    """
+    entries = sorted(table.entries, key=lambda e: (e.begin, e.end))
     tensors = tuple(
         Tensor(e.name, np.dtype(e.dtype).newbyteorder("<"), e.shape, e.begin, e.end)
-        for e in table.entries
+        for e in entries
     )
     return Layout(tensors, table.size)
 

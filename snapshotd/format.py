@@ -24,6 +24,7 @@ over buffers it is given. Reading and writing files is the store's job.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
@@ -33,7 +34,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import xxhash
@@ -53,7 +54,6 @@ __all__ = [
     "decode_header",
     "digest",
     "digester",
-    "encode_header",
     "header_length",
 ]
 
@@ -67,6 +67,9 @@ _PREFIX = "snapshotd."
 _HEADER_DIGEST_KEY = _PREFIX + "header_digest"
 _ZERO_DIGEST = "0" * 32
 _DIGEST_FIELD = f'"{_HEADER_DIGEST_KEY}":"'.encode()
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 _SAFETENSORS_DTYPES: dict[str, str] = {
     "bool": "BOOL",
@@ -130,7 +133,7 @@ class Tensor(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class Run:
+class DtypeRun:
     """Consecutive tensors of one dtype: ``[begin, end)`` of the data section holds them
     back to back, so they can be copied there in one call."""
 
@@ -184,13 +187,13 @@ class Layout:
         return tuple(t.name for t in self.tensors)
 
     @functools.cached_property
-    def runs(self) -> tuple[Run, ...]:
+    def runs(self) -> tuple[DtypeRun, ...]:
         """Maximal stretches of consecutive tensors with one dtype, in layout order."""
         runs = []
         for dtype, group in itertools.groupby(self.tensors, key=lambda t: t.dtype):
             members = list(group)
             names = tuple(t.name for t in members)
-            runs.append(Run(dtype, members[0].begin, members[-1].end, names))
+            runs.append(DtypeRun(dtype, members[0].begin, members[-1].end, names))
         return tuple(runs)
 
     def groups(self, limit: int) -> tuple[tuple[int, int], ...]:
@@ -423,11 +426,6 @@ class Template:
         return '"' + "".join(parts) + _literal('"}')[1:-1] + '"'
 
 
-def encode_header(layout: Layout, meta: Meta, digests: Mapping[str, str]) -> bytes:
-    """The header region of one snapshot (:class:`Template` for many of the same state)."""
-    return Template(layout, meta.structure).render(meta, [digests[n] for n in layout.names])
-
-
 def _region_length(text: int) -> int:
     """The header region's size for a JSON text of ``text`` bytes: prefix plus padding."""
     return 8 + text + (-(8 + text) % ALIGN)
@@ -468,11 +466,13 @@ def decode_header(region: bytes, file_size: int, source: str) -> Header:
     region = region[: 8 + length]
     _check_header_digest(region, source)
     try:
-        document = json.loads(region[8:])
+        metadata, entries = _split(region[8:].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SnapshotCorrupt(source, f"header is not JSON: {exc}") from exc
     try:
-        header = _build_header(document, 8 + length)
+        header = _build_header(metadata, entries, 8 + length)
+    except _NotJSON as exc:
+        raise SnapshotCorrupt(source, f"header is not JSON: {exc}") from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SnapshotCorrupt(source, f"header is malformed: {exc!r}") from exc
     if header.file_size != file_size:
@@ -492,24 +492,99 @@ def _check_header_digest(region: bytes, source: str) -> None:
         raise SnapshotCorrupt(source, "header digest mismatch")
 
 
-def _build_header(document: dict[str, Any], data_start: int) -> Header:
-    raw = document.pop("__metadata__")
+def _split(text: str) -> tuple[Any, str | dict[str, Any]]:
+    """The header JSON as its ``__metadata__`` value and the tensor entries.
+
+    A snapshotd writer puts ``__metadata__`` first; then the tensor entries are returned
+    as their JSON text, unparsed, so that a layout already built from the same text is
+    reused (listing or verifying the versions of a 20,000-array run reads the same 3 MB
+    of entries again and again). Any other order is parsed as a whole.
+    """
+    if text.startswith(_METADATA_FIRST):
+        metadata, end = _DECODER.raw_decode(text, len(_METADATA_FIRST))
+        entries = text[end:].strip(_JSON_SPACE)
+        if entries == "}" or (entries.startswith(",") and entries.endswith("}")):
+            return metadata, entries
+    document = json.loads(text)  # anything else: parsed whole (and refused if not JSON)
+    if not isinstance(document, dict):
+        raise TypeError("the header is not a JSON object")
+    return document.pop("__metadata__"), document
+
+
+def _build_header(raw: Any, entries: str | dict[str, Any], data_start: int) -> Header:
     meta = {key.removeprefix(_PREFIX): value for key, value in raw.items()}
     if meta["format"] != FORMAT:
         raise ValueError(f"unknown format {meta['format']!r}")
     if meta["digest"] != DIGEST_ALGORITHM:
         raise ValueError(f"unknown digest algorithm {meta['digest']!r}")
-    special: dict[str, str] = json.loads(meta["dtypes"])
-    layout = _build_layout(document, special)
+    layout = _layout_of(entries, meta["dtypes"])
     digests: dict[str, str] = json.loads(meta["digests"])
     names = {t.name for t in layout.tensors}
     if set(digests) != names:
         raise ValueError("digests do not name exactly the tensors")
-    built = _build_meta(meta)
-    referred = check_structure(built.structure)
+    structure, referred = _tree_of(meta["tree"])
     if len(referred) != len(names) or set(referred) != names:
         raise ValueError("the tree does not refer to exactly the tensors")
-    return Header(layout, built, digests, data_start)
+    return Header(layout, _build_meta(meta, structure), digests, data_start)
+
+
+def _layout_of(entries: str | dict[str, Any], dtypes: str) -> Layout:
+    """The layout the tensor entries describe: built once per distinct text."""
+    if isinstance(entries, dict):
+        return _build_layout(entries, json.loads(dtypes))
+    key = (entries, dtypes)
+    known = _recent_layouts.get(key)
+    if known is None:
+        # ``,"name":{...},...}`` after the metadata (or just ``}``): one JSON object.
+        try:
+            document = json.loads("{" + entries[1:]) if entries != "}" else {}
+        except json.JSONDecodeError as exc:
+            raise _NotJSON(str(exc)) from exc
+        known = _recent_layouts.put(key, _build_layout(document, json.loads(dtypes)))
+    return known
+
+
+class _NotJSON(Exception):
+    """The header's text is not JSON (found after its metadata was split off)."""
+
+
+def _tree_of(text: str) -> tuple[Structure, list[str]]:
+    """The structure in ``snapshotd.tree`` and the tensor names it refers to, checked:
+    parsed once per distinct text (versions of a run usually share their tree)."""
+    known = _recent_trees.get(text)
+    if known is None:
+        structure = json.loads(text)
+        known = _recent_trees.put(text, (structure, check_structure(structure)))
+    return known
+
+
+class _Recent(Generic[_K, _V]):
+    """The few most recently added values by key. Safe to share between threads without
+    a lock: each step is one C-level operation of an OrderedDict, and a lost race only
+    costs a parse."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: collections.OrderedDict[_K, _V] = collections.OrderedDict()
+
+    def get(self, key: _K) -> _V | None:
+        return self._items.get(key)
+
+    def put(self, key: _K, value: _V) -> _V:
+        while len(self._items) >= self._size:
+            try:
+                self._items.popitem(last=False)
+            except KeyError:  # emptied by another thread meanwhile
+                break
+        self._items[key] = value
+        return value
+
+
+_METADATA_FIRST = '{"__metadata__":'
+_JSON_SPACE = " \t\n\r"
+_DECODER = json.JSONDecoder()
+_recent_layouts: _Recent[tuple[str, str], Layout] = _Recent(4)
+_recent_trees: _Recent[str, tuple[Structure, list[str]]] = _Recent(4)
 
 
 def _build_layout(document: Mapping[str, Any], special: Mapping[str, str]) -> Layout:
@@ -546,13 +621,13 @@ def _build_tensor(name: str, entry: Mapping[str, Any], logical: str | None) -> T
     return Tensor(name, dtype, shape, begin, end)
 
 
-def _build_meta(meta: Mapping[str, str]) -> Meta:
+def _build_meta(meta: Mapping[str, str], structure: Structure) -> Meta:
     return Meta(
         name=meta["name"],
         version=int(meta["version"]),
         step=int(meta["step"]) if meta["step"] else None,
         created=datetime.fromisoformat(meta["created"]),
-        structure=json.loads(meta["tree"]),
+        structure=structure,
         safe_point={"": None, "true": True, "false": False}[meta["safe_point"]],
         user=json.loads(meta["user"]),
     )

@@ -55,7 +55,8 @@ __all__ = [
 ]
 
 MAGIC = b"SNPD"
-PROTOCOL_VERSION = 1
+#: 2: ``state`` numbers its description and may repeat it (PROTOCOL.md, section 9).
+PROTOCOL_VERSION = 2
 _FRAME = struct.Struct("<4sHHI")
 #: Largest JSON body accepted (a 20,000-array state header is about 3 MB).
 MAX_BODY = 64 << 20

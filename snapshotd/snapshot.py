@@ -130,6 +130,8 @@ class Payload:
     buffers: tuple[Buffer, ...]
     #: The tree's leaf kinds when it was flattened in this process (see ``Flat.kinds``).
     kinds: str | None = None
+    #: True when ``buffers`` is one buffer holding the whole data section (an arena).
+    contiguous: bool = False
 
     @classmethod
     def of_flat(cls, flat: Flat, previous: Layout | None = None) -> Payload:
@@ -144,12 +146,7 @@ class Payload:
 
     @classmethod
     def of_arena(cls, layout: Layout, data: memoryview, structure: Any) -> Payload:
-        return cls(layout, structure, (data[: layout.data_size],))
-
-    @property
-    def contiguous(self) -> bool:
-        """True when the data is one buffer (an arena), not one buffer per tensor."""
-        return len(self.buffers) != len(self.layout.tensors)
+        return cls(layout, structure, (data[: layout.data_size],), contiguous=True)
 
     def span(
         self, begin: int, end: int, pieces: Sequence[Buffer]
@@ -161,7 +158,10 @@ class Payload:
             return pieces[begin:end], sizes
         first = self.layout.tensors[begin].begin
         total = sum(sizes)
-        return [self.buffers[0][first : first + total]], [total]
+        span = self.buffers[0][first : first + total]
+        if span.nbytes != total:  # a layout out of offset order, or a short buffer
+            raise ValueError(f"tensors {begin}..{end - 1} are not {total} bytes at {first}")
+        return [span], [total]
 
     def tensor_bytes(self) -> Iterator[Buffer]:
         """Each tensor's bytes, in layout order."""
@@ -184,12 +184,10 @@ def encode(
 ) -> Encoded:
     """Prepare ``payload`` for :func:`write` (no copy of the data).
 
-    ``template`` must come from :func:`template_for` for this payload; without it one is
-    made for this snapshot alone.
+    ``template`` (a previous snapshot's) is used if it fits this payload, else a new one
+    is made; ``Encoded.template`` is the one used, to keep for the next snapshot.
     """
-    template = template or template_for(payload)
-    if template.layout is not payload.layout:
-        raise ValueError("the header template is for another layout")
+    template = template_for(payload, template)
     meta = Meta(structure=template.structure, **meta_fields)
     return Encoded(payload, template, meta, template.length(meta))
 
@@ -208,6 +206,14 @@ def write(directory: Path, final_name: str, encoded: Encoded) -> None:
     except OSError as exc:
         _unlink_quietly(tmp)
         raise CommitFailed(f"writing {final_name} failed: {exc}", str(directory)) from exc
+    except Exception as exc:  # a bug or a buffer changed under us: still fail cleanly
+        _unlink_quietly(tmp)
+        raise CommitFailed(
+            f"writing {final_name} failed: {type(exc).__name__}: {exc}", str(directory)
+        ) from exc
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
     crashpoint("commit.after_rename")
     try:
         fsync_directory(directory)
@@ -260,13 +266,14 @@ def _write_data(fd: int, payload: Payload, start: int) -> list[str]:
     digests: list[str] = []
     offset = start
     for begin, end in payload.layout.groups(IO_UNIT):
-        if end - begin == 1 and sizes[begin] > IO_UNIT:
+        group = sum(sizes[begin:end])
+        if end - begin == 1 and group > IO_UNIT:
             digests.append(_write_streamed(fd, pieces[begin], offset))
         else:
             digests.extend(map(digest, pieces[begin:end]))
             _write_all(fd, *payload.span(begin, end, pieces))
-            _writeback.start(fd, offset, sum(sizes[begin:end]))
-        offset += sum(sizes[begin:end])
+            _writeback.start(fd, offset, group)
+        offset += group
     return digests
 
 
@@ -283,6 +290,7 @@ def _write_streamed(fd: int, buffer: Buffer, offset: int) -> str:
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """``pwrite`` all of ``data`` at ``offset``, resuming after short writes."""
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -324,6 +332,8 @@ class _Writeback:
         if code in _UNSUPPORTED:
             self._usable = False
             return
+        if code in (errno.ENOMEM, errno.EINTR):  # no head start this time; fsync will do
+            return
         raise OSError(code, f"sync_file_range: {os.strerror(code)}")
 
     def _function(self) -> Callable[[int, int, int, int], int] | None:
@@ -361,7 +371,8 @@ def _write_all(fd: int, buffers: Sequence[Buffer], sizes: Sequence[int]) -> None
 
 
 def _write_rest(fd: int, pending: list[Buffer], written: int) -> None:
-    """After a short write: advance past what was written, then one buffer at a time."""
+    """After a short write: advance past what was written, then go on in batches of
+    IOV_MAX, looking at each buffer's size (the fast path trusts the planned sizes)."""
     while True:
         pending = _advance(pending, written)
         if not pending:
@@ -520,6 +531,7 @@ class _Piece:
 
 
 def _pieces(layout: Layout) -> list[_Piece]:
+    """The reads of a data section: the layout's groups, big tensors cut to IO_UNIT."""
     pieces = []
     for begin, end in layout.groups(IO_UNIT):
         first, last = layout.tensors[begin], layout.tensors[end - 1]

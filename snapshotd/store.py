@@ -205,9 +205,8 @@ class Store:
             }
             try:
                 with snapshot.paused_gc():
-                    template = snapshot.template_for(payload, self._templates.get(name))
-                    self._templates[name] = template
-                    encoded = snapshot.encode(payload, fields, template)
+                    encoded = snapshot.encode(payload, fields, self._templates.get(name))
+                self._templates[name] = encoded.template
                 snapshot.write(run, file_name(version), encoded)
             except CommitFailed as exc:
                 # A commit withdrawn after its rename (the directory fsync failed) may have

@@ -256,8 +256,11 @@ class Experiment:
         _check_tree(state.structure, state.table)
         # The same table (shapes) as before keeps its layout, and with it the header's
         # prepared tensor entries.
-        same_table = known is not None and known.table is state.table
-        layout = known.layout if same_table and known is not None else layout_of(state.table)
+        layout = (
+            known.layout
+            if known is not None and known.table is state.table
+            else layout_of(state.table)
+        )
         self._description = _Description(state.description, state.structure, state.table, layout)
         return self._description
 

@@ -29,6 +29,7 @@ from snapshotd.channel import Channel, connect
 from snapshotd.errors import LocalProtocolError, PeerUnreachable, RemoteProtocolError
 from snapshotd.format import Layout
 from snapshotd.protocol import (
+    PROTOCOL_VERSION,
     Done,
     Hello,
     Message,
@@ -340,7 +341,7 @@ def _fd_with_garbage(peer: socket.socket, fd: int) -> None:
 
 
 def _fd_with_oversized_header(peer: socket.socket, fd: int) -> None:
-    socket.send_fds(peer, [HEADER.pack(b"SNPD", 1, 0, 0xFFFFFFFF)], [fd])
+    socket.send_fds(peer, [HEADER.pack(b"SNPD", PROTOCOL_VERSION, 0, 0xFFFFFFFF)], [fd])
 
 
 def _two_fds_for_one_state(peer: socket.socket, fd: int) -> None:
@@ -452,7 +453,7 @@ def test_a_peer_that_closes_mid_frame_breaks_the_protocol(pair: Pair) -> None:
 
 def test_an_oversized_header_is_refused_without_waiting_for_the_body(pair: Pair) -> None:
     peer, channel = pair
-    peer.sendall(HEADER.pack(b"SNPD", 1, 0, 0xFFFFFFFF))
+    peer.sendall(HEADER.pack(b"SNPD", PROTOCOL_VERSION, 0, 0xFFFFFFFF))
     start = time.monotonic()
     with pytest.raises(RemoteProtocolError, match="exceeds"):
         channel.receive(5.0)

@@ -724,3 +724,77 @@ def test_tensors_bigger_than_a_writeback_unit_are_digested_in_pieces(tmp_path: P
     loaded = snapshotd.load(path)
     for name, array in state.items():
         np.testing.assert_array_equal(loaded[name], array)
+
+
+# --- reading headers: other JSON spellings, and what is reused between reads ---------
+
+
+def _reordered(document: Document) -> Document:
+    """The same header with ``__metadata__`` last, as another safetensors writer may."""
+    metadata = document.pop("__metadata__")
+    document["__metadata__"] = metadata
+    return document
+
+
+def _spaced_text(document: Document) -> bytes:
+    """The same header with JSON whitespace between its members (not after the header
+    digest's colon, which the documented digest rule spells without one)."""
+    document["__metadata__"]["snapshotd.header_digest"] = "0" * 32
+    return json.dumps(document, indent="\t", separators=(",", ":")).encode() + b"\n\r\n"
+
+
+def _spaced_after_metadata(document: Document) -> bytes:
+    """Our member order, with whitespace where the metadata ends and the tensors begin."""
+    metadata = document.pop("__metadata__")
+    metadata["snapshotd.header_digest"] = "0" * 32
+    head = '{"__metadata__":' + json.dumps(metadata, separators=(",", ":"))
+    rest = json.dumps(document, separators=(",", ":"))[1:-1]
+    return (head + " \n ,\t" + rest + "\n}\r\n").encode()
+
+
+@pytest.mark.parametrize(
+    "respell",
+    [
+        pytest.param(lambda d: sign(_reordered(d)), id="metadata-last"),
+        pytest.param(lambda d: sign_text(_spaced_text(d)), id="whitespace"),
+        pytest.param(lambda d: sign_text(_spaced_after_metadata(d)), id="whitespace-inside"),
+    ],
+)
+def test_any_json_spelling_of_a_header_is_read_the_same(
+    good_blob: bytes, respell: Callable[[Document], bytes]
+) -> None:
+    document, data = split(good_blob)
+    expected = decode(good_blob)
+
+    header = decode(respell(document) + data)
+
+    assert header.layout == expected.layout
+    assert header.meta == expected.meta
+    assert header.digests == expected.digests
+
+
+def test_a_layout_read_before_is_not_reused_when_the_dtypes_differ(tmp_path: Path) -> None:
+    """complex128 is stored as float64 pairs: the same tensor entries read as complex128
+    with ``snapshotd.dtypes`` naming it, and as float64 pairs without."""
+    pairs = np.arange(6.0).reshape(3, 2)
+    complex_path = tmp_path / "c.safetensors"
+    snapshotd.save(complex_path, {"z": pairs[:, 0] + 1j * pairs[:, 1]})
+    float_path = tmp_path / "f.safetensors"
+    snapshotd.save(float_path, {"z": pairs})
+    complex_entries = split(complex_path.read_bytes())[0]["z"]
+    assert complex_entries == split(float_path.read_bytes())[0]["z"]
+
+    for _ in range(2):  # and again, with both layouts remembered
+        assert snapshotd.load(complex_path)["z"].dtype == np.complex128
+        assert snapshotd.load(float_path)["z"].dtype == np.float64
+
+
+def test_a_tree_read_before_is_not_shared_with_the_caller(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    snapshotd.save(path, {"w": np.zeros(2), "opt": {"lr": 0.1, "steps": [1, 2]}})
+
+    first = snapshotd.load(path)
+    first["opt"]["steps"].append(3)
+    first["opt"]["lr"] = 9.0
+
+    assert snapshotd.load(path)["opt"] == {"lr": 0.1, "steps": [1, 2]}

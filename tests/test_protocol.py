@@ -72,7 +72,7 @@ def frame(
     body: bytes | str,
     *,
     magic: bytes = b"SNPD",
-    version: int = 1,
+    version: int = 2,
     flags: int = 0,
     length: int | None = None,
 ) -> bytes:
@@ -269,7 +269,7 @@ def test_the_table_covers_every_message_type() -> None:
 def test_encode_gives_the_documented_frame(message: Message, text: str) -> None:
     data = encode(message)
     magic, version, flags, length = HEADER.unpack_from(data)
-    assert (magic, version, flags) == (b"SNPD", 1, 0)
+    assert (magic, version, flags) == (b"SNPD", 2, 0)
     assert length == len(data) - HEADER.size
     body = data[HEADER.size :]
     assert body.isascii(), "the encoder writes ASCII-only JSON"
@@ -291,7 +291,7 @@ def test_encode_then_decode_gives_the_message(message: Message) -> None:
 def test_frame_header_bytes_are_pinned() -> None:
     data = encode(Hello("daemon", "a", 1))
     body = b'{"type":"hello","role":"daemon","name":"a","pid":1}'
-    assert data[:12] == b"SNPD\x01\x00\x00\x00" + len(body).to_bytes(4, "little")
+    assert data[:12] == b"SNPD\x02\x00\x00\x00" + len(body).to_bytes(4, "little")
     assert json.loads(data[12:]) == json.loads(body)
 
 
@@ -505,7 +505,8 @@ REJECTED: list[Any] = [
     pytest.param(frame(DONE_BODY, magic=b"snpd"), id="lowercase-magic"),
     pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="http-request"),
     pytest.param(frame(DONE_BODY, version=0), id="version-0"),
-    pytest.param(frame(DONE_BODY, version=2), id="version-2"),
+    pytest.param(frame(DONE_BODY, version=1), id="version-1"),
+    pytest.param(frame(DONE_BODY, version=3), id="version-3"),
     pytest.param(frame(DONE_BODY, version=0xFFFF), id="version-ffff"),
     pytest.param(frame(DONE_BODY, flags=1), id="flags-1"),
     pytest.param(frame(DONE_BODY, flags=0x8000), id="flags-8000"),

@@ -21,8 +21,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import snapshotd
-from snapshotd import retention
+from snapshotd import retention, snapshot
 from snapshotd.errors import (
+    CommitFailed,
     FallbackWarning,
     InvalidName,
     NoGoodSnapshot,
@@ -31,7 +32,9 @@ from snapshotd.errors import (
     StateError,
     UsageError,
 )
+from snapshotd.format import Layout
 from snapshotd.retention import Policy
+from snapshotd.tree import flatten
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -722,3 +725,20 @@ def test_an_unchanged_layout_never_reuses_a_stale_tree(
             inner = value.values() if isinstance(value, dict) else value
             got = loaded["x"].values() if isinstance(value, dict) else loaded["x"]
             assert [type(v) for v in got] == [type(v) for v in inner]
+
+
+def test_a_payload_short_of_its_layout_fails_the_commit_cleanly(
+    store: snapshotd.Store, root: Path
+) -> None:
+    """Not an I/O error but a bug (shared memory smaller than its layout): the commit
+    still fails with CommitFailed, and its temporary file is gone."""
+    flat = flatten({"a": np.zeros(4), "b": np.ones(2)})
+    layout = Layout.plan(flat.arrays)
+    short = memoryview(bytearray(layout.data_size - 8))
+    payload = snapshot.Payload.of_arena(layout, short, flat.structure)
+
+    with pytest.raises(CommitFailed, match="ValueError"):
+        store.commit_payload("run", payload)
+
+    assert store.versions("run") == []
+    assert [p.name for p in (root / "run").iterdir()] == [".lock"]

@@ -33,9 +33,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from snapshotd import (
@@ -47,6 +49,7 @@ from snapshotd import (
     rendezvous,
 )
 from snapshotd.arena import Arena, table_of
+from snapshotd.capture import persist
 from snapshotd.format import Layout
 from snapshotd.protocol import (
     MAGIC,
@@ -875,3 +878,39 @@ def test_a_repeated_description_reuses_the_one_received_and_checked() -> None:
     assert tree1 == {"a": "x"}
     assert tree2 is tree1
     assert layout2 is layout1
+
+
+def test_a_table_in_any_order_is_committed_in_offset_order(tmp_path: Path) -> None:
+    """PROTOCOL.md lets a table list its entries in any order; the file must still hold
+    each tensor's own bytes (the daemon writes the arena in offset order)."""
+    b = np.array([2.5], dtype=np.float64)
+    w = np.array([1.5, -3.0], dtype=np.float32)
+    structure = {"d": [["W", {"a": "W"}], ["b", {"a": "b"}]]}
+    table = TensorTable(
+        (TensorEntry("W", "float32", (2,), 8, 16), TensorEntry("b", "float64", (1,), 0, 8)), 16
+    )
+
+    def script(peer: RawPeer, fake: FakeExperiment) -> None:
+        arena = Arena(16, "fake")
+        try:
+            os.pwrite(arena.fd, b.tobytes() + w.tobytes(), 0)
+            req = request(peer)
+            peer.send(StateReady(req.id, 7, True, structure, table, 1), arena.fd)
+            assert isinstance(peer.receive(), Done)
+            fake.release.wait(10)
+        finally:
+            arena.close()
+
+    store = Store(tmp_path / "store")
+    with runtime_dir() as runtime:
+        fake = FakeExperiment(runtime, script)
+        experiment = Experiment(NAME, fake.path, io_timeout=IO_TIMEOUT)
+        try:
+            outcome = persist(experiment, store, timeout=5.0, now=datetime.now(UTC))
+        finally:
+            experiment.close()
+            fake.close()
+
+    loaded = store.load(NAME, outcome.version)
+    np.testing.assert_array_equal(loaded["W"], w)
+    np.testing.assert_array_equal(loaded["b"], b)
