@@ -367,16 +367,16 @@ class Run:
         self._send_state(pending.id, step, safe_point=True)
 
     def _send_state(self, request: int, step: int | None, safe_point: bool) -> None:
+        session = self._service.session
         try:
-            message, fd = self._capture.take(self._target, request, step, safe_point)
+            message, fd = self._capture.take(self._target, request, step, safe_point, session)
         except (StateError, OSError) as exc:
             log.error("%s: cannot snapshot the state: %s", self.name, exc)
             self._service.send(Skipped(request, f"cannot copy the state: {exc}"))
             return
         self._busy = request
-        if not self._service.send(message, fd):
+        if not self._service.send(message, fd, session=session):
             self._busy = None
-            self._capture.forget()  # whoever connects next has not seen it
 
     def _on_request(self, request: SnapshotRequest) -> None:
         if self._busy is not None:
@@ -425,15 +425,8 @@ class Run:
                 "%s: the daemon could not commit snapshot %d: %s", self.name, done.id, done.error
             )
 
-    def _on_connect(self) -> None:
-        # A new session knows no description yet. (A state being described on the
-        # training thread at this very moment may still go out as a repeat; the daemon
-        # then refuses it as a protocol error and the next session starts afresh.)
-        self._capture.forget()
-
     def _on_disconnect(self) -> None:
         self._busy = None  # a daemon that is gone no longer reads the arena
-        self._capture.forget()
         with self._guard:
             # Requests and pushes die with the connection that brought them: the daemon
             # has already reported them as not done.
@@ -494,8 +487,9 @@ class _Capture:
     """Copies the state into the reused arena; the layout is recomputed only on change.
 
     It also numbers the state's descriptions (tree and table, see ``StateReady``) and
-    remembers the one the daemon was last sent, so an unchanged state is described
-    once per connection, not once per snapshot.
+    remembers the one last sent and to which daemon session, so an unchanged state is
+    described once per session, not once per snapshot, and never repeated to a session
+    that did not receive it.
     """
 
     def __init__(self, name: str) -> None:
@@ -504,11 +498,10 @@ class _Capture:
         self.table: TensorTable | None = None
         self.arena: Arena | None = None
         self._numbered = 0
-        # (number, table, structure, kinds) of the description the daemon has.
-        self._announced: tuple[int, TensorTable, Any, str | None] | None = None
+        self._announced: _Announced | None = None
 
     def take(
-        self, target: Target, request: int, step: int | None, safe_point: bool
+        self, target: Target, request: int, step: int | None, safe_point: bool, session: int
     ) -> tuple[StateReady, int]:
         with paused_gc():
             flat = flatten(target.get_state())
@@ -518,25 +511,29 @@ class _Capture:
         assert self.layout is not None
         assert self.table is not None
         self.arena.fill(self.layout, flat.arrays)
-        return self._describe(request, step, safe_point, flat, self.table), self.arena.fd
+        message = self._describe(request, step, safe_point, flat, self.table, session)
+        return message, self.arena.fd
 
     def _describe(
-        self, request: int, step: int | None, safe_point: bool, flat: Flat, table: TensorTable
+        self,
+        request: int,
+        step: int | None,
+        safe_point: bool,
+        flat: Flat,
+        table: TensorTable,
+        session: int,
     ) -> StateReady:
-        announced = self._announced
+        known = self._announced
         if (
-            announced is not None
-            and announced[1] is table
-            and same_tree(announced[2], announced[3], flat.structure, flat.kinds)
+            known is not None
+            and known.session == session
+            and known.table is table
+            and same_tree(known.structure, known.kinds, flat.structure, flat.kinds)
         ):
-            return StateReady(request, step, safe_point, None, None, announced[0])
+            return StateReady(request, step, safe_point, None, None, known.number)
         self._numbered += 1
-        self._announced = (self._numbered, table, flat.structure, flat.kinds)
+        self._announced = _Announced(session, self._numbered, table, flat.structure, flat.kinds)
         return StateReady(request, step, safe_point, flat.structure, table, self._numbered)
-
-    def forget(self) -> None:
-        """The connection the descriptions went to is gone: describe in full next time."""
-        self._announced = None
 
     def _relayout(self, layout: Layout) -> None:
         self.close()
@@ -551,6 +548,17 @@ class _Capture:
             self.layout = None
 
 
+@dataclass(frozen=True)
+class _Announced:
+    """A description sent in full: to which session, under which number, and what."""
+
+    session: int
+    number: int
+    table: TensorTable
+    structure: Any
+    kinds: str | None
+
+
 class _Service:
     """The one background thread: accepts the daemon, reads its messages, expires requests."""
 
@@ -562,6 +570,10 @@ class _Service:
         self._listener = listener
         self._claim = claim
         self._channel: Channel | None = None
+        # Which daemon session ``_channel`` is: it changes with every connect and drop,
+        # together with the channel, under the lock.
+        self._session = 0
+        self._session_lock = threading.Lock()
         self._newcomers: list[Channel] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
@@ -573,9 +585,21 @@ class _Service:
     def start(self) -> None:
         self._thread.start()
 
-    def send(self, message: Message, fd: int | None = None) -> bool:
-        """Send to the connected daemon; False (and logged) if there is none or it failed."""
-        channel = self._channel
+    @property
+    def session(self) -> int:
+        """The current daemon session's number (it changes on every connect and drop)."""
+        return self._session
+
+    def send(self, message: Message, fd: int | None = None, *, session: int | None = None) -> bool:
+        """Send to the connected daemon; False (and logged) if there is none or it failed.
+
+        With ``session``, send only if that session is still the current one: a state
+        that repeats a description must not reach a daemon that never received it.
+        """
+        with self._session_lock:
+            if session is not None and session != self._session:
+                return False
+            channel = self._channel
         if channel is None:
             return False
         try:
@@ -669,11 +693,7 @@ class _Service:
         selector.unregister(newcomer.sock)
         if self._channel is not None:  # a restarted daemon replaces the old session
             self._drop(selector)
-        self._channel = newcomer
-        run = self._run()
-        if run is not None:
-            run._on_connect()
-            del run
+        self._switch(newcomer)
         selector.register(newcomer.sock, selectors.EVENT_READ, "message")
         self.send(Hello("experiment", self.name, os.getpid()))
 
@@ -714,8 +734,17 @@ class _Service:
         else:
             raise RemoteProtocolError(f"unexpected {message.TYPE} message from the daemon")
 
+    def _switch(self, channel: Channel | None) -> Channel | None:
+        """Make ``channel`` the session (a new number); return the one it replaces."""
+        with self._session_lock:
+            previous, self._channel = self._channel, channel
+            self._session += 1
+        return previous
+
     def _drop(self, selector: selectors.BaseSelector | None = None) -> None:
-        channel, self._channel = self._channel, None
+        if self._channel is None:
+            return
+        channel = self._switch(None)
         if channel is None:
             return
         if selector is not None:

@@ -52,6 +52,7 @@ from snapshotd import (
     rendezvous,
 )
 from snapshotd.arena import Arena, table_of
+from snapshotd.client import _Capture
 from snapshotd.format import Layout
 from snapshotd.protocol import (
     MAGIC,
@@ -66,6 +67,7 @@ from snapshotd.protocol import (
     TensorTable,
     encode,
 )
+from snapshotd.target import adapt
 from snapshotd.transport import Capture, Experiment
 from snapshotd.tree import flatten, unflatten
 from tests.experiment import (
@@ -1074,3 +1076,24 @@ def test_an_experiment_with_nothing_to_resume_reports_none(runtime: Path, tmp_pa
     finally:
         code = child.close()
     assert code == 0, child.report()
+
+
+def test_a_description_is_repeated_only_to_the_session_that_received_it() -> None:
+    """The training thread describes the state while the service thread may switch to a
+    new daemon session: a repeat is only ever made for the session of the full one."""
+    state = {"w": np.arange(3.0), "n": 1}
+    capture = _Capture("unit")
+    try:
+        first, _fd = capture.take(adapt(state), 1, None, True, session=1)
+        again, _fd = capture.take(adapt(state), 2, None, True, session=1)
+        other, _fd = capture.take(adapt(state), 3, None, True, session=2)
+        back, _fd = capture.take(adapt(state), 4, None, True, session=1)
+    finally:
+        capture.close()
+
+    assert not first.repeats
+    assert again.repeats
+    assert again.description == first.description
+    assert not other.repeats, "a new session must get the description in full"
+    assert other.description > first.description
+    assert not back.repeats, "the session of an older description is not the last one"
