@@ -314,9 +314,12 @@ class Daemon:
             allowed_uids=self._allowed_uids(),
             io_timeout=IO_TIMEOUT,
         )
-        if not _listening(experiment.path):
+        peer = _probe(experiment.path)
+        if peer is None:
             self._retry_soon(name)
             return  # stale (its process is gone), or bound but not listening yet
+        # Shown by status until the first snapshot connects for real (and checks the uid).
+        experiment.pid = peer.pid
         self._refused.pop(name, None)
         tracked = _Tracked(name, experiment)
         with self._guard:
@@ -603,15 +606,20 @@ def _name_arg(args: dict[str, Any]) -> str:
 
 def _listening(path: Path) -> bool:
     """True if something accepts connections at ``path`` (False for a stale socket)."""
+    return _probe(path) is not None
+
+
+def _probe(path: Path) -> rendezvous.Peer | None:
+    """Who listens at ``path`` (as the kernel saw them at ``listen``), or None if nobody."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     probe.settimeout(1.0)
     try:
         probe.connect(os.fspath(path))
+        return rendezvous.peer_of(probe)
     except OSError:
-        return False
+        return None
     finally:
         probe.close()
-    return True
 
 
 def _quietly(action: Callable[[], None]) -> None:

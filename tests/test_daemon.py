@@ -76,6 +76,21 @@ def test_discovers_a_registered_experiment_within_a_second(box: Sandbox) -> None
     daemon.wait_log(r"INFO snapshotd\.daemon: second: discovered; every 1s")
 
 
+def test_status_names_a_discovered_experiments_pid_before_its_first_snapshot(
+    box: Sandbox,
+) -> None:
+    box.write_config(schedule={"every": "1h"})
+    daemon = box.start_daemon()
+    exp = box.start_experiment("quiet")
+
+    wait_until(partial(daemon.experiment, "quiet"), 3, "the daemon to track quiet")
+
+    status = daemon.experiment("quiet")
+    assert status is not None
+    assert status["pid"] == exp.pid
+    assert status["last_version"] is None, "no snapshot was due yet"
+
+
 def test_a_closed_experiment_is_dropped(box: Sandbox) -> None:
     daemon = box.start_daemon()
     exp = box.start_experiment("exp")
