@@ -540,7 +540,9 @@ def _layout_of(entries: str | dict[str, Any], dtypes: str) -> Layout:
             document = json.loads("{" + entries[1:]) if entries != "}" else {}
         except json.JSONDecodeError as exc:
             raise _NotJSON(str(exc)) from exc
-        known = _recent_layouts.put(key, _build_layout(document, json.loads(dtypes)))
+        known = _build_layout(document, json.loads(dtypes))
+        if len(entries) <= _CACHED_TEXT_LIMIT:
+            _recent_layouts.put(key, known)
     return known
 
 
@@ -554,7 +556,9 @@ def _tree_of(text: str) -> tuple[Structure, list[str]]:
     known = _recent_trees.get(text)
     if known is None:
         structure = json.loads(text)
-        known = _recent_trees.put(text, (structure, check_structure(structure)))
+        known = (structure, check_structure(structure))
+        if len(text) <= _CACHED_TEXT_LIMIT:
+            _recent_trees.put(text, known)
     return known
 
 
@@ -570,19 +574,21 @@ class _Recent(Generic[_K, _V]):
     def get(self, key: _K) -> _V | None:
         return self._items.get(key)
 
-    def put(self, key: _K, value: _V) -> _V:
+    def put(self, key: _K, value: _V) -> None:
         while len(self._items) >= self._size:
             try:
                 self._items.popitem(last=False)
             except KeyError:  # emptied by another thread meanwhile
                 break
         self._items[key] = value
-        return value
 
 
 _METADATA_FIRST = '{"__metadata__":'
 _JSON_SPACE = " \t\n\r"
 _DECODER = json.JSONDecoder()
+#: Headers bigger than this (hundreds of thousands of tensors) are parsed every time
+#: rather than kept: four of them could hold hundreds of MB.
+_CACHED_TEXT_LIMIT = 16 << 20
 _recent_layouts: _Recent[tuple[str, str], Layout] = _Recent(4)
 _recent_trees: _Recent[str, tuple[Structure, list[str]]] = _Recent(4)
 
