@@ -163,13 +163,13 @@ class Payload:
             raise ValueError(f"tensors {begin}..{end - 1} are not {total} bytes at {first}")
         return [span], [total]
 
-    def tensor_bytes(self) -> Iterator[Buffer]:
-        """Each tensor's bytes, in layout order."""
+    def tensor_bytes(self) -> list[Buffer]:
+        """Each tensor's bytes, in layout order (a list made in C: no generator frame per
+        tensor, which cost a state of 20,000 arrays several ms)."""
         if not self.contiguous:
-            yield from self.buffers
-            return
+            return list(self.buffers)
         (data,) = self.buffers
-        yield from map(data.__getitem__, self.layout.slices)
+        return list(map(data.__getitem__, self.layout.slices))
 
 
 def template_for(payload: Payload, previous: Template | None = None) -> Template:
@@ -261,7 +261,7 @@ def _write_data(fd: int, payload: Payload, start: int) -> list[str]:
     the digest's reads fault its pages in far faster than the kernel's copy inside
     ``writev`` does (measured: 64 MiB written in 16 ms instead of 47 ms).
     """
-    pieces = list(payload.tensor_bytes())
+    pieces = payload.tensor_bytes()
     sizes = payload.layout.sizes
     digests: list[str] = []
     offset = start
