@@ -60,23 +60,21 @@ class _Reader(Bench):
 
 
 class PickleDump(_Writer):
+    """``pickle.dump``, then flush and fsync unless ``durable`` is False (the strictest
+    reference for many small arrays: the bytes only reach the page cache)."""
+
     suffix = ".pkl"
+
+    def __init__(self, ctx: Context, *, durable: bool = True) -> None:
+        super().__init__(ctx)
+        self.durable = durable
 
     def run(self) -> None:
         with open(self.path, "wb") as stream:
             pickle.dump(self.ctx.state.arrays, stream, protocol=pickle.HIGHEST_PROTOCOL)
-            stream.flush()
-            os.fsync(stream.fileno())
-
-
-class PickleDumpVolatile(_Writer):
-    """``pickle.dump`` with no fsync: not durable, the issue's strictest comparison."""
-
-    suffix = ".pkl"
-
-    def run(self) -> None:
-        with open(self.path, "wb") as stream:
-            pickle.dump(self.ctx.state.arrays, stream, protocol=pickle.HIGHEST_PROTOCOL)
+            if self.durable:
+                stream.flush()
+                os.fsync(stream.fileno())
 
 
 class PickleLoad(_Reader):
@@ -143,7 +141,7 @@ def _pickle_dump(ctx: Context) -> Bench:
     short="pickle (no fsync)",
 )
 def _pickle_dump_volatile(ctx: Context) -> Bench:
-    return PickleDumpVolatile(ctx)
+    return PickleDump(ctx, durable=False)
 
 
 @case("peer.savez_fsync", "np.savez + fsync", group="peer", limit=WRITE_LIMIT, short="savez")
