@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 import snapshotd
 from snapshotd import retention, snapshot
+from snapshotd.arena import Arena, map_readonly
 from snapshotd.errors import (
     CommitFailed,
     FallbackWarning,
@@ -742,3 +743,33 @@ def test_a_payload_short_of_its_layout_fails_the_commit_cleanly(
 
     assert store.versions("run") == []
     assert [p.name for p in (root / "run").iterdir()] == [".lock"]
+
+
+def test_an_arena_with_tensors_bigger_than_a_write_unit_round_trips(
+    store: snapshotd.Store,
+) -> None:
+    """From shared memory, as the daemon writes: big tensors go out in parts, each part
+    a slice of the arena, and their digests are streamed over the parts."""
+    unit = snapshot.IO_UNIT
+    state = {
+        "big": np.arange(unit // 8 * 2 + 7, dtype=np.float64),
+        "z": (np.arange(unit // 16 + 3) + 1j).astype(np.complex128),
+        "small": np.ones(5, np.float16),
+    }
+    flat = flatten(state)
+    layout = Layout.plan(flat.arrays)
+    arena = Arena(layout.data_size, "test")
+    try:
+        arena.fill(layout, flat.arrays)
+        mapped = map_readonly(arena.fd, layout.data_size)  # as the daemon maps it
+        with memoryview(mapped) as data:
+            version = store.commit_payload(
+                "run", snapshot.Payload.of_arena(layout, data, flat.structure)
+            )
+        mapped.close()
+    finally:
+        arena.close()
+
+    loaded = store.load("run", version)
+    for name, array in state.items():
+        np.testing.assert_array_equal(loaded[name], array)
