@@ -24,7 +24,6 @@ over buffers it is given. Reading and writing files is the store's job.
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
 import json
@@ -34,12 +33,13 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import xxhash
 
 from snapshotd.errors import SnapshotCorrupt
+from snapshotd.recent import Recent
 from snapshotd.tree import Structure, check_structure, same_tree
 
 __all__ = [
@@ -67,9 +67,6 @@ _PREFIX = "snapshotd."
 _HEADER_DIGEST_KEY = _PREFIX + "header_digest"
 _ZERO_DIGEST = "0" * 32
 _DIGEST_FIELD = f'"{_HEADER_DIGEST_KEY}":"'.encode()
-
-_K = TypeVar("_K")
-_V = TypeVar("_V")
 
 _SAFETENSORS_DTYPES: dict[str, str] = {
     "bool": "BOOL",
@@ -532,18 +529,17 @@ def _layout_of(entries: str | dict[str, Any], dtypes: str) -> Layout:
     """The layout the tensor entries describe: built once per distinct text."""
     if isinstance(entries, dict):
         return _build_layout(entries, json.loads(dtypes))
-    key = (entries, dtypes)
-    known = _recent_layouts.get(key)
-    if known is None:
+    text = entries
+
+    def build() -> Layout:
         # ``,"name":{...},...}`` after the metadata (or just ``}``): one JSON object.
         try:
-            document = json.loads("{" + entries[1:]) if entries != "}" else {}
+            document = json.loads("{" + text[1:]) if text != "}" else {}
         except json.JSONDecodeError as exc:
             raise _NotJSON(str(exc)) from exc
-        known = _build_layout(document, json.loads(dtypes))
-        if len(entries) <= _CACHED_TEXT_LIMIT:
-            _recent_layouts.put(key, known)
-    return known
+        return _build_layout(document, json.loads(dtypes))
+
+    return _recent_layouts.recall((text, dtypes), build, keep=len(text) <= _CACHED_TEXT_LIMIT)
 
 
 class _NotJSON(Exception):
@@ -553,34 +549,12 @@ class _NotJSON(Exception):
 def _tree_of(text: str) -> tuple[Structure, list[str]]:
     """The structure in ``snapshotd.tree`` and the tensor names it refers to, checked:
     parsed once per distinct text (versions of a run usually share their tree)."""
-    known = _recent_trees.get(text)
-    if known is None:
+
+    def build() -> tuple[Structure, list[str]]:
         structure = json.loads(text)
-        known = (structure, check_structure(structure))
-        if len(text) <= _CACHED_TEXT_LIMIT:
-            _recent_trees.put(text, known)
-    return known
+        return structure, check_structure(structure)
 
-
-class _Recent(Generic[_K, _V]):
-    """The few most recently added values by key. Safe to share between threads without
-    a lock: each step is one C-level operation of an OrderedDict, and a lost race only
-    costs a parse."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: collections.OrderedDict[_K, _V] = collections.OrderedDict()
-
-    def get(self, key: _K) -> _V | None:
-        return self._items.get(key)
-
-    def put(self, key: _K, value: _V) -> None:
-        while len(self._items) >= self._size:
-            try:
-                self._items.popitem(last=False)
-            except KeyError:  # emptied by another thread meanwhile
-                break
-        self._items[key] = value
+    return _recent_trees.recall(text, build, keep=len(text) <= _CACHED_TEXT_LIMIT)
 
 
 _METADATA_FIRST = '{"__metadata__":'
@@ -589,8 +563,8 @@ _DECODER = json.JSONDecoder()
 #: Headers bigger than this (hundreds of thousands of tensors) are parsed every time
 #: rather than kept: four of them could hold hundreds of MB.
 _CACHED_TEXT_LIMIT = 16 << 20
-_recent_layouts: _Recent[tuple[str, str], Layout] = _Recent(4)
-_recent_trees: _Recent[str, tuple[Structure, list[str]]] = _Recent(4)
+_recent_layouts: Recent[tuple[str, str], Layout] = Recent(4)
+_recent_trees: Recent[str, tuple[Structure, list[str]]] = Recent(4)
 
 
 def _build_layout(document: Mapping[str, Any], special: Mapping[str, str]) -> Layout:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from snapshotd.errors import LocalProtocolError, RemoteProtocolError
+from snapshotd.recent import Recent
 
 __all__ = [
     "MAGIC",
@@ -378,15 +379,12 @@ def _table_from(tensors: Any, arena_size: Any) -> TensorTable:
     if known is not None and known[0] == tensors:
         return known[1]
     table = TensorTable(tuple(TensorEntry.from_json(t) for t in tensors), size)
-    if len(_recent_tables) >= _RECENT_TABLES:
-        _recent_tables.pop(next(iter(_recent_tables)), None)
-    _recent_tables[size] = (tensors, table)
+    _recent_tables.put(size, (tensors, table))
     return table
 
 
-_RECENT_TABLES = 64
 #: arena size -> (the decoded "tensors" list, its validated table), the latest few.
-_recent_tables: dict[int, tuple[list[Any], TensorTable]] = {}
+_recent_tables: Recent[int, tuple[list[Any], TensorTable]] = Recent(64)
 
 
 _SCALAR_CHECKS: dict[str, Callable[[Any], bool]] = {

@@ -29,6 +29,7 @@ RANKS: dict[str, int] = {
     "tree": 1,
     "retention": 1,
     "target": 1,
+    "recent": 1,
     "format": 2,
     "config": 2,
     "protocol": 2,
@@ -62,7 +63,17 @@ FOREIGN: dict[str, set[str]] = {
 ALWAYS_ALLOWED = {"numpy"}
 PURE_FORBIDDEN = {"socket", "fcntl", "subprocess", "time", "threading", "signal"}
 #: Modules that must stay pure (crashpoint is a process hook, so it is not among them).
-PURE = ["exitcode", "names", "tree", "retention", "target", "format", "config", "protocol"]
+PURE = [
+    "exitcode",
+    "names",
+    "tree",
+    "retention",
+    "target",
+    "recent",
+    "format",
+    "config",
+    "protocol",
+]
 CLOCK_READS = re.compile(r"\.(now|utcnow|today)\(|\btime\.(time|monotonic)\(")
 
 
