@@ -304,11 +304,7 @@ class _Flattener:
         ``key``; None when it needs the general path (a first dtype, a conversion)."""
         if _SWAP.get(value.dtype, True) or not value.flags.c_contiguous:
             return None
-        name = prefix + _component(key)
-        if name in self.arrays or name in _RESERVED:
-            name = self.unique_name(name)
-        self.arrays[name] = value
-        return name
+        return self.keep(prefix + _component(key), value)
 
     def array(self, value: np.ndarray[Any, Any], trail: tuple[Any, ...]) -> str:
         if type(value) is not np.ndarray:
@@ -326,17 +322,16 @@ class _Flattener:
         elif not value.flags.c_contiguous:
             # A copy in C order (np.ascontiguousarray would turn 0-d into 1-d).
             value = value.copy(order="C")
-        name = _name(trail)
-        if name in self.arrays or name in _RESERVED:
-            name = self.unique_name(name)
-        self.arrays[name] = value
-        return name
+        return self.keep(_name(trail), value)
 
-    def unique_name(self, base: str) -> str:
+    def keep(self, base: str, value: np.ndarray[Any, Any]) -> str:
+        """Store ``value`` as ``base``, or ``base~2``, ``base~3``... if that is taken or
+        reserved; return the name it got."""
         name, n = base, 1
         while name in self.arrays or name in _RESERVED:
             n += 1
             name = f"{base}~{n}"
+        self.arrays[name] = value
         return name
 
 
