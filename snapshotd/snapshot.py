@@ -67,7 +67,6 @@ __all__ = [
     "read",
     "read_header",
     "save",
-    "template_for",
     "user_metadata",
     "write",
 ]
@@ -172,7 +171,7 @@ class Payload:
         return list(map(data.__getitem__, self.layout.slices))
 
 
-def template_for(payload: Payload, previous: Template | None = None) -> Template:
+def _template_for(payload: Payload, previous: Template | None = None) -> Template:
     """The header template of ``payload``: ``previous`` if it still fits, else a new one."""
     if previous is not None and previous.fits(payload.layout, payload.structure, payload.kinds):
         return previous
@@ -187,7 +186,7 @@ def encode(
     ``template`` (a previous snapshot's) is used if it fits this payload, else a new one
     is made; ``Encoded.template`` is the one used, to keep for the next snapshot.
     """
-    template = template_for(payload, template)
+    template = _template_for(payload, template)
     meta = Meta(structure=template.structure, **meta_fields)
     return Encoded(payload, template, meta, template.length(meta))
 
