@@ -40,7 +40,7 @@ import xxhash
 
 from snapshotd.errors import SnapshotCorrupt
 from snapshotd.recent import Recent
-from snapshotd.tree import Structure, check_structure, same_tree
+from snapshotd.tree import Structure, check_structure, refers_to_exactly, same_tree
 
 __all__ = [
     "DIGEST_ALGORITHM",
@@ -520,7 +520,7 @@ def _build_header(raw: Any, entries: str | dict[str, Any], data_start: int) -> H
     if set(digests) != names:
         raise ValueError("digests do not name exactly the tensors")
     structure, referred = _tree_of(meta["tree"])
-    if len(referred) != len(names) or set(referred) != names:
+    if not refers_to_exactly(referred, names):
         raise ValueError("the tree does not refer to exactly the tensors")
     return Header(layout, _build_meta(meta, structure), digests, data_start)
 

@@ -43,7 +43,7 @@ from snapshotd.protocol import (
     check_arena,
 )
 from snapshotd.snapshot import Loaded, Payload
-from snapshotd.tree import Flat, check_structure
+from snapshotd.tree import Flat, check_structure, refers_to_exactly
 
 __all__ = ["Capture", "Experiment", "StagingBudgetExceeded"]
 
@@ -120,7 +120,7 @@ def _check_tree(structure: Any, table: TensorTable) -> None:
         named = check_structure(structure)
     except ValueError as exc:
         raise RemoteProtocolError(f"the state's structure is malformed: {exc}") from exc
-    if sorted(named) != sorted(e.name for e in table.entries):
+    if not refers_to_exactly(named, [e.name for e in table.entries]):
         raise RemoteProtocolError("the state's structure and its tensors disagree")
 
 

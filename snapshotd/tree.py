@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -41,6 +41,7 @@ __all__ = [
     "check_dtype",
     "check_structure",
     "flatten",
+    "refers_to_exactly",
     "same_tree",
     "unflatten",
 ]
@@ -154,6 +155,12 @@ def check_structure(structure: Structure) -> list[str]:
     names: list[str] = []
     _check(structure, 0, names)
     return names
+
+
+def refers_to_exactly(referred: Sequence[str], names: Collection[str]) -> bool:
+    """True when a tree's leaves (``referred``, from :func:`check_structure`) name each of
+    the unique ``names`` exactly once."""
+    return len(referred) == len(names) and set(referred) == set(names)
 
 
 def _check(node: Structure, depth: int, names: list[str]) -> None:
