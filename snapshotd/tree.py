@@ -280,7 +280,7 @@ class _Flattener:
     ) -> list[Structure]:
         if depth >= _MAX_DEPTH:
             raise StateError(_where(trail), f"nested deeper than {_MAX_DEPTH} levels")
-        prefix = _name(trail) + "/" if trail else ""
+        prefix = _prefix(trail)
         out: list[Structure] = []
         for i, item in enumerate(value):
             name = self.plain_array(item, prefix, i) if type(item) is np.ndarray else None
@@ -291,7 +291,7 @@ class _Flattener:
         if depth >= _MAX_DEPTH:
             raise StateError(_where(trail), f"nested deeper than {_MAX_DEPTH} levels")
         out = []
-        prefix = _name(trail) + "/" if trail else ""
+        prefix = _prefix(trail)
         for key, item in value.items():
             if type(key) is not str and (isinstance(key, bool) or not isinstance(key, str | int)):
                 raise StateError(
@@ -311,7 +311,8 @@ class _Flattener:
         ``key``; None when it needs the general path (a first dtype, a conversion)."""
         if _SWAP.get(value.dtype, True) or not value.flags.c_contiguous:
             return None
-        return self.keep(prefix + _component(key), value)
+        # The name _name gives the whole path ("state" for an empty one).
+        return self.keep(prefix + _component(key) or "state", value)
 
     def array(self, value: np.ndarray[Any, Any], trail: tuple[Any, ...]) -> str:
         if type(value) is not np.ndarray:
@@ -362,6 +363,12 @@ def _needs_swap(dtype: np.dtype[Any]) -> bool:
 def _name(trail: tuple[Any, ...]) -> str:
     """The tensor name of a path: its components percent-escaped, joined by ``/``."""
     return "/".join(map(_component, trail)) or "state"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _prefix(trail: tuple[Any, ...]) -> str:
+    """What the names of a container's children start with: its path and a ``/``."""
+    return "/".join(map(_component, trail)) + "/" if trail else ""
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -630,3 +630,24 @@ def test_check_structure_raises_value_error_for_anything_it_does_not_write(
 ) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 (the message varies by node)
         tree.check_structure(structure)
+
+
+@pytest.mark.parametrize(
+    ("state", "names"),
+    [
+        ({"": {"x": np.zeros(1, np.uint16)}}, ["/x"]),
+        ({"": np.zeros(1, np.uint16)}, ["state"]),
+        ({"": [np.zeros(1, np.uint16)]}, ["/0"]),
+        ([np.zeros(1, np.uint16)], ["0"]),
+    ],
+)
+def test_tensor_names_do_not_depend_on_dtypes_seen_before(
+    state: Any, names: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first array of a dtype takes the general path, later ones a fast path: both
+    # must name a tensor by its whole path ("state" when that path is empty).
+    monkeypatch.setattr(tree, "_SWAP", {})
+    first = tree.flatten(state)
+    again = tree.flatten(state)
+    assert list(first.arrays) == names
+    assert list(again.arrays) == names
