@@ -204,10 +204,12 @@ class Store:
                 "user": snapshot.user_metadata(metadata),
             }
             try:
+                # The write too: it makes a view and a digest per tensor (20,000 of them
+                # took 9 ms instead of 2 ms when the collector ran in between).
                 with snapshot.paused_gc():
                     encoded = snapshot.encode(payload, fields, self._templates.get(name))
-                self._templates[name] = encoded.template
-                snapshot.write(run, file_name(version), encoded)
+                    self._templates[name] = encoded.template
+                    snapshot.write(run, file_name(version), encoded)
             except CommitFailed as exc:
                 # A commit withdrawn after its rename (the directory fsync failed) may have
                 # been seen by a reader: its number is never handed out again.
