@@ -72,7 +72,7 @@ from snapshotd.protocol import (
 from snapshotd.snapshot import paused_gc
 from snapshotd.store import Store
 from snapshotd.target import Target, adapt
-from snapshotd.tree import Flat, flatten, same_tree, unflatten
+from snapshotd.tree import Skeleton, flatten, same_tree, unflatten
 
 __all__ = ["Resumed", "Run", "register"]
 
@@ -497,29 +497,51 @@ class _Capture:
         self.layout: Layout | None = None
         self.table: TensorTable | None = None
         self.arena: Arena | None = None
+        self.skeleton: Skeleton | None = None
         self._numbered = 0
         self._announced: _Announced | None = None
 
     def take(
         self, target: Target, request: int, step: int | None, safe_point: bool, session: int
     ) -> tuple[StateReady, int]:
+        state = target.get_state()
         with paused_gc():
-            flat = flatten(target.get_state())
-        if self.layout is None or not self.layout.matches(flat.arrays):
-            self._relayout(Layout.plan(flat.arrays))
+            leaves = self._again(state)
+            if leaves is None:
+                leaves = self._first(state)
         assert self.arena is not None
         assert self.layout is not None
         assert self.table is not None
-        self.arena.fill(self.layout, flat.arrays)
-        message = self._describe(request, step, safe_point, flat, self.table, session)
+        assert self.skeleton is not None
+        self.arena.fill_in_order(self.layout, self.layout.in_order(leaves))
+        message = self._describe(request, step, safe_point, self.skeleton, self.table, session)
         return message, self.arena.fd
+
+    def _again(self, state: object) -> list[np.ndarray[Any, Any]] | None:
+        """The arrays of ``state`` taken in bulk, when it is the tree taken last time with
+        the same shapes and dtypes (see ``Skeleton``); None: flatten it."""
+        if self.skeleton is None or self.layout is None:
+            return None
+        leaves = self.skeleton.leaves(state)
+        if leaves is None or not self.layout.accepts(leaves):
+            return None
+        return leaves
+
+    def _first(self, state: object) -> list[np.ndarray[Any, Any]]:
+        """Flatten ``state`` (a first one, or one that changed) and lay it out anew if
+        its shapes or dtypes changed; return its arrays."""
+        flat = flatten(state)
+        self.skeleton = Skeleton(flat)
+        if self.layout is None or not self.layout.matches(flat.arrays):
+            self._relayout(Layout.plan(flat.arrays))
+        return list(flat.arrays.values())
 
     def _describe(
         self,
         request: int,
         step: int | None,
         safe_point: bool,
-        flat: Flat,
+        tree: Skeleton,
         table: TensorTable,
         session: int,
     ) -> StateReady:
@@ -528,12 +550,12 @@ class _Capture:
             known is not None
             and known.session == session
             and known.table is table
-            and same_tree(known.structure, known.kinds, flat.structure, flat.kinds)
+            and same_tree(known.structure, known.kinds, tree.structure, tree.kinds)
         ):
             return StateReady(request, step, safe_point, None, None, known.number)
         self._numbered += 1
-        self._announced = _Announced(session, self._numbered, table, flat.structure, flat.kinds)
-        return StateReady(request, step, safe_point, flat.structure, table, self._numbered)
+        self._announced = _Announced(session, self._numbered, table, tree.structure, tree.kinds)
+        return StateReady(request, step, safe_point, tree.structure, table, self._numbered)
 
     def _relayout(self, layout: Layout) -> None:
         self.close()

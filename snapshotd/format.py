@@ -137,7 +137,9 @@ class DtypeRun:
     dtype: np.dtype[Any]
     begin: int
     end: int
-    names: tuple[str, ...]
+    #: The tensors' indexes in the layout: ``first`` to ``last - 1``.
+    first: int
+    last: int
 
 
 @functools.lru_cache(maxsize=64)
@@ -186,11 +188,12 @@ class Layout:
     @functools.cached_property
     def runs(self) -> tuple[DtypeRun, ...]:
         """Maximal stretches of consecutive tensors with one dtype, in layout order."""
-        runs = []
+        runs, first = [], 0
         for dtype, group in itertools.groupby(self.tensors, key=lambda t: t.dtype):
             members = list(group)
-            names = tuple(t.name for t in members)
-            runs.append(DtypeRun(dtype, members[0].begin, members[-1].end, names))
+            last = first + len(members)
+            runs.append(DtypeRun(dtype, members[0].begin, members[-1].end, first, last))
+            first = last
         return tuple(runs)
 
     def groups(self, limit: int) -> tuple[tuple[int, int], ...]:
@@ -260,6 +263,34 @@ class Layout:
             and _little(arrays[t.name].dtype) == t.dtype
             for t in self.tensors
         )
+
+    def accepts(self, leaves: Sequence[np.ndarray[Any, Any]]) -> bool:
+        """True when ``leaves``, the arrays of a tree that names its tensors as the one
+        planned (see ``tree.Skeleton``), in its order, have the planned shapes and dtypes."""
+        if self.source is None:
+            return False
+        _, shapes, dtypes = self.source
+        return (
+            len(leaves) == len(shapes)
+            and [a.shape for a in leaves] == shapes
+            and [a.dtype for a in leaves] == dtypes
+        )
+
+    def in_order(self, leaves: Sequence[np.ndarray[Any, Any]]) -> Sequence[np.ndarray[Any, Any]]:
+        """The planned arrays (``leaves``, in their own order) in layout order."""
+        if self._from_source is None:
+            return leaves
+        return operator.itemgetter(*self._from_source)(leaves)  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def _from_source(self) -> tuple[int, ...] | None:
+        """Where each tensor of the layout is in the planned arrays' order (None: the
+        same order, as for a state of one dtype)."""
+        if self.source is None:
+            raise ValueError("a layout read back from a file has no planned order")
+        position = {name: index for index, name in enumerate(self.source[0])}
+        order = tuple(position[name] for name in self.names)
+        return None if order == tuple(range(len(order))) else order
 
 
 def _signature(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import struct
 import sys
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -38,6 +38,7 @@ from snapshotd.errors import StateError
 __all__ = [
     "ALLOWED_KINDS",
     "Flat",
+    "Skeleton",
     "check_dtype",
     "check_structure",
     "flatten",
@@ -341,6 +342,119 @@ class _Flattener:
             name = f"{base}~{n}"
         self.arrays[name] = value
         return name
+
+
+class Skeleton:
+    """A flattened tree's containers and scalars, to take the same tree again in bulk.
+
+    :func:`flatten` looks at every leaf from Python, about 0.6 µs an array: 12 ms for a
+    state of 20,000, on the experiment's critical path at every snapshot. A state that
+    is the same tree as the one flattened (the same container types and lengths, the
+    same keys of the same types in the same order, equal scalars of the same types, an
+    array or a numpy scalar wherever there was one) has the same structure and the same
+    tensor names, so only its arrays need taking: :meth:`leaves` takes them a container
+    at a time (a dict of arrays is one ``list(d.values())``).
+
+    It does not look at the arrays' dtypes, shapes or memory order: the caller checks
+    the leaves against its layout, and copies them with a conversion-free cast.
+    """
+
+    def __init__(self, flat: Flat) -> None:
+        self.structure = flat.structure
+        self.kinds = flat.kinds
+        self._take = _taker(flat.structure)
+
+    def leaves(self, state: object) -> list[np.ndarray[Any, Any]] | None:
+        """The arrays of ``state`` in :attr:`Flat.arrays` order (numpy scalars as 0-d
+        arrays), or None when ``state`` is not the same tree (flatten it instead)."""
+        out: list[Any] = []
+        if not self._take(state, out):
+            return None
+        # Exactly ndarray: a subclass (a masked array, a matrix) takes the general path.
+        if out and set(map(type, out)) != {np.ndarray}:
+            return None
+        return out
+
+
+#: Takes the leaves of one node into a list; False when the value is not that node.
+_Take = Callable[[object, list[Any]], bool]
+
+
+def _taker(node: Structure) -> _Take:
+    """Compile one structure node (one :func:`flatten` wrote) into its :data:`_Take`."""
+    if node is None or type(node) in (bool, int, str):
+        return functools.partial(_take_scalar, type(node), node)
+    ((tag, body),) = node.items()
+    if tag == "a":
+        return _take_array
+    if tag == "s":
+        return _take_numpy_scalar
+    if tag in ("f", "fb"):
+        return functools.partial(_take_float, node)
+    children = [_taker(child) for _, child in body] if tag == "d" else list(map(_taker, body))
+    only_arrays = all(child is _take_array for child in children)
+    if tag == "d":
+        keys = tuple(key for key, _ in body)
+        if not {type(key) for key in keys} <= {str, int}:
+            return _never  # a key of a subclass: flatten converts it, every time
+        return functools.partial(_take_dict, keys, None if only_arrays else children)
+    kind = tuple if tag == "t" else list
+    return functools.partial(_take_sequence, kind, len(children), None if only_arrays else children)
+
+
+def _take_scalar(kind: type, recorded: object, value: object, out: list[Any]) -> bool:
+    return type(value) is kind and value == recorded
+
+
+def _take_float(recorded: Structure, value: object, out: list[Any]) -> bool:
+    # By the node, not by ==: 0.0 == -0.0, and NaN equals nothing.
+    return type(value) is float and _float_node(value) == recorded
+
+
+def _take_array(value: object, out: list[Any]) -> bool:
+    out.append(value)  # its type is checked with all the others, in one go
+    return True
+
+
+def _take_numpy_scalar(value: object, out: list[Any]) -> bool:
+    if not isinstance(value, np.generic):
+        return False
+    out.append(np.asarray(value))
+    return True
+
+
+def _take_dict(
+    keys: tuple[Any, ...], children: list[_Take] | None, value: object, out: list[Any]
+) -> bool:
+    # Equal keys of exact str/int types are the same keys: "1" != 1, and a bool or a
+    # float that equals an int key has the wrong type.
+    if type(value) is not dict or tuple(value) != keys or not set(map(type, value)) <= _KEYS:
+        return False
+    if children is None:
+        out.extend(value.values())
+        return True
+    return all(take(child, out) for take, child in zip(children, value.values(), strict=True))
+
+
+def _take_sequence(
+    kind: type, length: int, children: list[_Take] | None, value: object, out: list[Any]
+) -> bool:
+    if type(value) is not kind:
+        return False
+    sequence: Sequence[Any] = value  # type: ignore[assignment]
+    if len(sequence) != length:
+        return False
+    if children is None:
+        out.extend(sequence)
+        return True
+    return all(take(child, out) for take, child in zip(children, sequence, strict=True))
+
+
+def _never(value: object, out: list[Any]) -> bool:
+    return False
+
+
+_KEYS = frozenset({str, int})
 
 
 def _float_node(value: float) -> Structure:

@@ -42,6 +42,7 @@ from snapshotd.protocol import (
     check_arena,
     encode,
 )
+from snapshotd.tree import flatten
 
 HEADER = struct.Struct("<4sHHI")
 Pair = tuple[socket.socket, Channel]
@@ -569,3 +570,25 @@ def test_connect_to_nothing_is_unreachable(short_dir: Path) -> None:
     assert stale.exists()
     with pytest.raises(PeerUnreachable):
         connect(stale, "exp", timeout=1.0)
+
+
+def test_an_arena_filled_in_order_holds_what_flatten_would_have_copied() -> None:
+    # Leaves as a user holds them (transposed, reversed, strided) are copied in C order,
+    # exactly as flatten's contiguous copies would be.
+    rng = np.random.default_rng(5)
+    held: dict[str, np.ndarray[Any, Any]] = {
+        "t": rng.standard_normal((3, 4)).T,
+        "r": np.arange(6, dtype=np.int16)[::-1],
+        "s": np.arange(12, dtype=np.float32)[::3],
+        "c": np.arange(4, dtype=np.uint8),
+    }
+    flat = flatten(held)
+    layout = Layout.plan(flat.arrays)
+    by_flatten, in_order = Arena(layout.data_size, "a"), Arena(layout.data_size, "b")
+    try:
+        by_flatten.fill(layout, flat.arrays)
+        in_order.fill_in_order(layout, layout.in_order(list(held.values())))
+        assert bytes(in_order._map) == bytes(by_flatten._map)
+    finally:
+        by_flatten.close()
+        in_order.close()

@@ -1097,3 +1097,74 @@ def test_a_description_is_repeated_only_to_the_session_that_received_it() -> Non
     assert not other.repeats, "a new session must get the description in full"
     assert other.description > first.description
     assert not back.repeats, "the session of an older description is not the last one"
+
+
+def test_a_state_taken_again_is_not_walked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    walks: list[object] = []
+
+    def counting_flatten(state: object) -> Any:
+        walks.append(state)
+        return flatten(state)
+
+    monkeypatch.setattr("snapshotd.client.flatten", counting_flatten)
+    state: dict[str, Any] = {f"p{i}": np.full(4, i, np.float32) for i in range(50)}
+    state["step"] = 1
+    capture = _Capture("unit")
+    try:
+        for request in range(1, 4):
+            state["p0"] += 1  # new values only
+            capture.take(adapt(state), request, None, True, session=1)
+        assert len(walks) == 1
+        state["step"] = 2  # a scalar is part of the tree: walked again, once
+        capture.take(adapt(state), 4, None, True, session=1)
+        capture.take(adapt(state), 5, None, True, session=1)
+        assert len(walks) == 2
+        state["p1"] = np.zeros(5, np.float32)  # another shape: walked and laid out again
+        capture.take(adapt(state), 6, None, True, session=1)
+        capture.take(adapt(state), 7, None, True, session=1)
+        assert len(walks) == 3
+    finally:
+        capture.close()
+
+
+def _same_snapshot(expected: Any, got: Any) -> None:
+    want, have = flatten(expected), flatten(got)
+    assert have.structure == want.structure
+    assert have.kinds == want.kinds
+    assert have.arrays.keys() == want.arrays.keys()
+    for name, array in want.arrays.items():
+        assert have.arrays[name].dtype == array.dtype, name
+        assert have.arrays[name].shape == array.shape, name
+        assert have.arrays[name].tobytes() == array.tobytes(), name
+
+
+def test_every_snapshot_holds_the_state_of_its_time(runtime: Path) -> None:
+    """Whatever changes between two snapshots (values only, or the tree), each snapshot
+    is exactly the state as it was: taken in bulk when the tree is the same, walked
+    again when it is not."""
+    state: dict[str, Any] = {
+        "w": np.arange(12.0).reshape(3, 4),
+        "b": np.ones(4, np.float32),
+        "opt": [np.zeros(2), {"m": np.int8(1)}],
+        "step": 0,
+    }
+    changes: list[Callable[[], object]] = [
+        lambda: state["w"].__iadd__(1),
+        lambda: state.update(w=np.asfortranarray(state["w"] * 2)),
+        lambda: state.update(w=state["w"][:, ::-1]),
+        lambda: state["opt"][1].update(m=np.int8(5)),
+        lambda: state.update(b=state["b"].astype(">f4") + 1),
+        lambda: state["b"].__iadd__(1),
+        lambda: state.update(step=1),
+        lambda: state["opt"].append(np.full(3, 7, np.int64)),
+        lambda: state.update(w=np.zeros((2, 2))),
+        lambda: state.update(w=np.zeros((4,))),
+        lambda: state.pop("step"),
+    ]
+    with snapshotd.register("kept", state, runtime_dir=runtime, consistency="none"):
+        tree, _capture = take(runtime, "kept")
+        _same_snapshot(state, tree)
+        for change in changes:
+            change()
+            tree, _capture = take(runtime, "kept")
+            _same_snapshot(state, tree)

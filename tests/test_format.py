@@ -798,3 +798,59 @@ def test_a_tree_read_before_is_not_shared_with_the_caller(tmp_path: Path) -> Non
     first["opt"]["lr"] = 9.0
 
     assert snapshotd.load(path)["opt"] == {"lr": 0.1, "steps": [1, 2]}
+
+
+def _mixed_arrays() -> dict[str, npt.NDArray[Any]]:
+    """Arrays whose tree order is not their layout order (item sizes interleaved)."""
+    return {
+        "i8": np.arange(3, dtype=np.int8),
+        "f64": np.arange(2.0),
+        "f32": np.arange(4, dtype=np.float32),
+        "c128": np.array([1 + 2j]),
+        "u8": np.arange(5, dtype=np.uint8),
+    }
+
+
+def test_a_layout_puts_leaves_given_in_tree_order_into_layout_order() -> None:
+    arrays = _mixed_arrays()
+    layout = fmt.Layout.plan(arrays)
+    leaves = list(arrays.values())
+
+    ordered = layout.in_order(leaves)
+
+    assert layout.names != tuple(arrays)  # the case worth testing: a real permutation
+    assert [id(a) for a in ordered] == [id(arrays[name]) for name in layout.names]
+
+
+def test_a_layout_of_one_dtype_keeps_the_leaves_as_given() -> None:
+    arrays = {f"p{i}": np.zeros(2, np.float32) for i in range(5)}
+    leaves = list(arrays.values())
+    assert fmt.Layout.plan(arrays).in_order(leaves) is leaves
+
+
+@pytest.mark.parametrize(
+    ("change", "accepted"),
+    [
+        (lambda a: a, True),
+        (lambda a: [np.ones_like(x) for x in a], True),  # new values
+        (lambda a: [np.asfortranarray(x) for x in a], True),  # memory order is the copy's job
+        (lambda a: a[:-1], False),  # one short
+        (lambda a: [*a[:-1], np.zeros(6, np.uint8)], False),  # another shape
+        (lambda a: [*a[:-1], np.zeros((5, 1), np.uint8)], False),  # same size, other shape
+        (lambda a: [*a[:-1], np.zeros(5, np.int8)], False),  # another dtype
+        (lambda a: [a[0], a[1].astype(">f8"), *a[2:]], False),  # byte order: flatten's job
+    ],
+)
+def test_a_layout_accepts_leaves_only_of_its_planned_shapes_and_dtypes(
+    change: Callable[[list[npt.NDArray[Any]]], list[npt.NDArray[Any]]], accepted: bool
+) -> None:
+    arrays = _mixed_arrays()
+    layout = fmt.Layout.plan(arrays)
+    assert layout.accepts(change(list(arrays.values()))) is accepted
+
+
+def test_a_layout_read_back_accepts_no_leaves() -> None:
+    arrays = _mixed_arrays()
+    planned = fmt.Layout.plan(arrays)
+    read_back = fmt.Layout(planned.tensors, planned.data_size)
+    assert not read_back.accepts(list(arrays.values()))

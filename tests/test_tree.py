@@ -632,6 +632,141 @@ def test_check_structure_raises_value_error_for_anything_it_does_not_write(
         tree.check_structure(structure)
 
 
+# --- Skeleton: the same tree taken again in bulk ------------------------------------
+
+
+def _skeleton_of(state: Any) -> tree.Skeleton:
+    return tree.Skeleton(tree.flatten(state))
+
+
+def _assert_taken_as_flatten_would(state: Any, leaves: list[Array]) -> None:
+    """``leaves`` are what flatten gives for ``state``, up to byte order and memory order."""
+    flat = tree.flatten(state)
+    assert len(leaves) == len(flat.arrays)
+    for leaf, (name, array) in zip(leaves, flat.arrays.items(), strict=True):
+        assert type(leaf) is np.ndarray, name
+        assert leaf.shape == array.shape, name
+        assert leaf.dtype.newbyteorder("<") == array.dtype, name
+        assert le_bytes(leaf) == le_bytes(array), name
+
+
+def test_skeleton_takes_the_same_tree_in_flatten_order_without_copying() -> None:
+    state: dict[str, Any] = {
+        "w": np.arange(6.0).reshape(2, 3),
+        "opt": [np.ones(2, np.float32), {"m": np.int8(3), "lr": 0.5, "on": True}],
+        "t": (np.zeros(0), None, "tag", 7, -0.0, math.nan),
+    }
+    skeleton = _skeleton_of(state)
+    state["w"] += 1  # new values, same tree
+    state["opt"][1]["m"] = np.int8(9)  # a numpy scalar is data, not structure
+
+    leaves = skeleton.leaves(state)
+
+    assert leaves is not None
+    _assert_taken_as_flatten_would(state, leaves)
+    assert leaves[0] is state["w"]
+    assert skeleton.structure == tree.flatten(state).structure
+
+
+def test_skeleton_of_a_dict_of_arrays_takes_them_as_they_are() -> None:
+    state = {f"p{i}": np.full(3, i, np.float32) for i in range(100)}
+    leaves = _skeleton_of(state).leaves(state)
+    assert leaves is not None
+    assert all(leaf is array for leaf, array in zip(leaves, state.values(), strict=True))
+
+
+def _rekey(state: dict[Any, Any], old: Any, new: Any) -> None:
+    """Replace key ``old`` by ``new`` in place, keeping the key order."""
+    items = [(new if k == old and type(k) is type(old) else k, v) for k, v in state.items()]
+    state.clear()
+    state.update(items)
+
+
+SKELETON_BASE: dict[Any, Any] = {
+    "w": np.zeros(3),
+    "seq": [np.zeros(1), np.zeros(1)],
+    "pair": (np.zeros(1), 1),
+    1: {"x": np.zeros(2)},
+    "lr": 0.0,
+    "flag": False,
+    "name": "a",
+    "none": None,
+    "s": np.float32(1.0),
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda s: s.update(extra=np.zeros(1)), id="key added"),
+        pytest.param(lambda s: s.pop("name"), id="key removed"),
+        pytest.param(lambda s: s.update(w=s.pop("w")), id="keys reordered"),
+        pytest.param(lambda s: _rekey(s, 1, "1"), id="int key became str"),
+        pytest.param(lambda s: _rekey(s, 1, True), id="int key became bool"),
+        pytest.param(lambda s: _rekey(s, 1, 1.0), id="int key became float"),
+        pytest.param(lambda s: s["seq"].append(np.zeros(1)), id="array list grew"),
+        pytest.param(lambda s: s["seq"].pop(), id="array list shrank"),
+        pytest.param(lambda s: s.update(seq=tuple(s["seq"])), id="list became tuple"),
+        pytest.param(lambda s: s.update(pair=list(s["pair"])), id="tuple became list"),
+        pytest.param(lambda s: s.update(pair=(s["pair"][0], 2)), id="int changed"),
+        pytest.param(lambda s: s.update(pair=(s["pair"][0], True)), id="1 became True"),
+        pytest.param(lambda s: s.update(lr=-0.0), id="0.0 became -0.0"),
+        pytest.param(lambda s: s.update(lr=0), id="float became int"),
+        pytest.param(lambda s: s.update(flag=0), id="False became 0"),
+        pytest.param(lambda s: s.update(name="b"), id="str changed"),
+        pytest.param(lambda s: s.update(none=np.zeros(1)), id="None became an array"),
+        pytest.param(lambda s: s.update(w=1.5), id="array became a float"),
+        pytest.param(lambda s: s.update(w=np.float64(1.5)), id="array became a numpy scalar"),
+        pytest.param(lambda s: s.update(s=np.ones(())), id="numpy scalar became an array"),
+        pytest.param(lambda s: s.update(w=np.ma.masked_array(s["w"])), id="array subclass"),
+        pytest.param(lambda s: s.update({1: [s[1]["x"]]}), id="dict became list"),
+    ],
+)
+def test_skeleton_refuses_a_different_tree(change: Callable[[dict[Any, Any]], Any]) -> None:
+    state = {k: v.copy() if isinstance(v, dict | list) else v for k, v in SKELETON_BASE.items()}
+    skeleton = _skeleton_of(state)
+    change(state)
+    assert skeleton.leaves(state) is None
+
+
+def test_skeleton_of_a_dict_with_subclassed_keys_always_defers_to_flatten() -> None:
+    class Key(str):
+        __slots__ = ()
+
+    state = {Key("a"): np.zeros(1)}
+    assert _skeleton_of(state).leaves(state) is None
+
+
+def _with_new_arrays(state: Any, seed: int) -> Any:
+    """``state`` with every array replaced by different values of its dtype and shape."""
+    if isinstance(state, np.ndarray):
+        return random_values(state.dtype.name, state.shape, seed)
+    if isinstance(state, dict):
+        return {k: _with_new_arrays(v, seed + i) for i, (k, v) in enumerate(state.items())}
+    if isinstance(state, tuple | list):
+        return type(state)(_with_new_arrays(v, seed + i) for i, v in enumerate(state))
+    return state
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(TREES, TREES, st.integers(0, 2))
+def test_skeleton_takes_a_tree_only_as_flatten_would(first: Any, other: Any, how: int) -> None:
+    # The property that lets the client skip flatten: whatever Skeleton.leaves accepts,
+    # flatten gives the same structure, kinds and names, and the same arrays.
+    skeleton = _skeleton_of(first)
+    second = [first, _with_new_arrays(first, 1), other][how]
+
+    leaves = skeleton.leaves(second)
+
+    if how < 2:
+        assert leaves is not None, "the same tree must be taken in bulk"
+    if leaves is not None:
+        again = tree.flatten(second)
+        assert again.structure == skeleton.structure
+        assert again.kinds == skeleton.kinds
+        _assert_taken_as_flatten_would(second, leaves)
+
+
 @pytest.mark.parametrize(
     ("state", "names"),
     [
