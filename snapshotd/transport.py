@@ -8,14 +8,14 @@ most its timeout and never more than its own connection.
 A :class:`Capture` is the state an experiment handed over: a read-only mapping of its
 shared memory, checked against the descriptor's real size before it is mapped. The daemon
 writes the snapshot straight from that mapping (no private copy of the state), then calls
-:meth:`Experiment.done` so the experiment may reuse its arena.
+:meth:`Experiment.done` so the experiment may reuse its arena. The connection keeps the
+mapping while the experiment keeps handing over the same arena (see ``_Mapped``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import mmap
 import os
 import socket
 from collections.abc import Iterable, Iterator
@@ -54,6 +54,39 @@ class StagingBudgetExceeded(PeerError):
     """The state is larger than the daemon may stage at once; the snapshot is skipped."""
 
 
+class _Mapped:
+    """An experiment's arena as this connection mapped it, kept for its next snapshots.
+
+    An experiment hands over the same memfd for as long as its layout lasts, and a
+    mapping made afresh for every snapshot pays a page fault per few pages the first
+    time it is read (measured: digesting 64 MiB took 10 ms through a fresh mapping and
+    3 ms through a kept one; 1 GiB, 126 ms and 41 ms). The mapping is shared and
+    read-only: the pages are the experiment's, and the daemon's own (private) memory
+    does not grow by keeping it; its RSS does count them, as shared memory.
+
+    The tensors' views of a layout are kept too: cutting 20,000 of them costs 2 ms.
+    """
+
+    def __init__(self, fd: int, identity: tuple[int, int], size: int) -> None:
+        self.identity = identity
+        self.size = size
+        self.map = map_readonly(fd, size)
+        self._views: tuple[Layout, list[memoryview]] | None = None
+
+    def tensors(self, layout: Layout) -> list[memoryview]:
+        """Each tensor's bytes in layout order: views of the mapping (no copy)."""
+        if self._views is None or self._views[0] is not layout:
+            whole = memoryview(self.map)[: layout.data_size]
+            self._views = (layout, list(map(whole.__getitem__, layout.slices)))
+        return self._views[1]
+
+    def close(self) -> None:
+        self._views = None
+        # A caller may still hold a view; the garbage collector unmaps it later.
+        with contextlib.suppress(BufferError):
+            self.map.close()
+
+
 @dataclass
 class Capture:
     """State handed over by an experiment, mapped read-only. Release it when done."""
@@ -63,8 +96,7 @@ class Capture:
     safe_point: bool
     structure: Any
     layout: Layout
-    _fd: int
-    _map: mmap.mmap | None
+    _mapped: _Mapped | None
     _data: np.ndarray[Any, Any] | None = field(default=None, repr=False)
 
     @property
@@ -77,28 +109,25 @@ class Capture:
 
         The buffer is a view of the read-only mapping, valid inside the ``with`` only.
         """
-        assert self._map is not None
-        with memoryview(self._map) as view:
-            yield Payload.of_arena(self.layout, view, self.structure)
+        assert self._mapped is not None
+        tensors = self._mapped.tensors(self.layout)
+        with memoryview(self._mapped.map) as view:
+            yield Payload.of_arena(self.layout, view, self.structure, tensors)
 
     def flat(self) -> Flat:
         """The state as named arrays: read-only views of the shared memory (no copy)."""
         if self._data is None:
-            assert self._map is not None
-            self._data = np.frombuffer(self._map, dtype=np.uint8, count=self.layout.data_size)
+            assert self._mapped is not None
+            self._data = np.frombuffer(
+                self._mapped.map, dtype=np.uint8, count=self.layout.data_size
+            )
         return Flat(self.layout.views(self._data), self.structure)
 
     def release(self) -> None:
-        """Unmap and close the descriptor. Views from :meth:`flat` must be dropped first."""
+        """Let go of the state: the experiment may overwrite it from now on. Views from
+        :meth:`flat` must be dropped first (the mapping itself is the connection's)."""
         self._data = None
-        if self._map is not None:
-            # A caller may still hold a view; the garbage collector unmaps it later.
-            with contextlib.suppress(BufferError):
-                self._map.close()
-            self._map = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._mapped = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +178,7 @@ class Experiment:
         # The description last received on this connection, checked, with its layout:
         # a state that repeats it reuses all three (and the store its header template).
         self._description: _Description | None = None
+        self._mapped: _Mapped | None = None
 
     @property
     def connected(self) -> bool:
@@ -218,25 +248,41 @@ class Experiment:
                     self.name,
                     f"state of {size} bytes exceeds the staging budget of {self._budget} bytes",
                 )
-            mapped = map_readonly(fd, size)
+            mapped = self._mapping(fd, size)
         except StagingBudgetExceeded:
-            os.close(fd)
             self.done(state.id, error="refused by the daemon")
             raise
         except BaseException:
             # A peer that lies about its memory is not talked to again.
-            os.close(fd)
             self.close()
             raise
+        finally:
+            os.close(fd)  # a mapping keeps its file open
         return Capture(
             state.id,
             state.step,
             state.safe_point,
             described.structure,
             described.layout,
-            fd,
             mapped,
         )
+
+    def _mapping(self, fd: int, size: int) -> _Mapped:
+        """The mapping of ``fd``'s ``size`` bytes: the kept one if ``fd`` is the same
+        memfd (a mapping keeps its memfd alive, so its inode is not reused meanwhile)."""
+        info = os.fstat(fd)
+        identity = (info.st_dev, info.st_ino)
+        kept = self._mapped
+        if kept is not None and kept.identity == identity and kept.size == size:
+            return kept
+        self._forget_mapping()
+        self._mapped = _Mapped(fd, identity, size)
+        return self._mapped
+
+    def _forget_mapping(self) -> None:
+        kept, self._mapped = self._mapped, None
+        if kept is not None:
+            kept.close()
 
     def _described(self, state: StateReady) -> _Description:
         """The description ``state`` carries or repeats, checked; remembered if new.
@@ -321,6 +367,7 @@ class Experiment:
 
     def close(self) -> None:
         self._description = None  # a description lives as long as its connection
+        self._forget_mapping()  # and so does a kept mapping
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()

@@ -265,10 +265,14 @@ def test_arena_is_reused_and_relaid_out_when_a_shape_changes() -> None:
                     assert capture.step is not None
                     growing = capture.step >= grow_at
                     assert arrays[0].size == (2 * size if growing else size)
+                    del arrays  # views of the mapping (see below)
                 finally:
                     finish(experiment, capture)
                 assert child.fd_count() == fds, "the experiment's descriptors changed"
                 assert child.memfd_mappings() == 1, "an old arena is still mapped"
+                # The daemon's side keeps the arena mapped for the next snapshot (and
+                # only the arena in use: a replaced one is unmapped).
+                assert arenas_mapped_here(child.name) == 1
                 if not growing:
                     before += 1
                     assert child.memfds() == arena, "the arena was not reused"
@@ -282,6 +286,13 @@ def test_arena_is_reused_and_relaid_out_when_a_shape_changes() -> None:
             assert before >= 20, f"only {before} snapshots before the shape change"
         finally:
             experiment.close()
+        assert arenas_mapped_here(child.name) == 0, "a closed connection kept its mapping"
+
+
+def arenas_mapped_here(name: str) -> int:
+    """How many mappings of experiment ``name``'s arenas this process has."""
+    with open("/proc/self/maps") as maps:
+        return sum(f"memfd:snapshotd-{name} " in line for line in maps)
 
 
 def test_the_experiment_holds_about_one_copy_of_its_state() -> None:
