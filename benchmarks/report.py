@@ -93,6 +93,8 @@ def render_targets(targets: Sequence[Mapping[str, Any]], quick: bool) -> str:
                 lines.append(f"      {condition['text']}: not measured")
                 continue
             mark = "ok" if condition["pass"] else "short"
+            if not condition["decides"]:
+                mark = f"(would be {mark})"
             lines.append(
                 f"      {condition['text']}: {condition['ratio']:.3f}x "
                 f"(need {condition['requirement']}; rounds "
