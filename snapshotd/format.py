@@ -238,7 +238,7 @@ class Layout:
             code, shape = tensor.stored()
             dims = ",".join(map(str, shape))
             members.append(
-                f'{_compact(tensor.name)}:{{"dtype":"{code}","shape":[{dims}],'
+                f'{_literal(tensor.name)}:{{"dtype":"{code}","shape":[{dims}],'
                 f'"data_offsets":[{tensor.begin},{tensor.end}]}}'
             )
         return ",".join(members)
@@ -464,7 +464,14 @@ def _timestamp(created: datetime) -> str:
 
 
 def _literal(text: str) -> str:
-    """``text`` as a JSON string literal (ASCII, as every string of the header)."""
+    """``text`` as a JSON string literal (ASCII, as every string of the header).
+
+    Exactly what ``json.dumps(text, ensure_ascii=True)`` gives. Printable ASCII, the
+    usual tensor name, needs only ``\\`` and ``"`` escaped, done here without the
+    encoder's call overhead: a header of 20,000 tensors escapes 60,000 such strings.
+    """
+    if text.isascii() and text.isprintable():
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return json.dumps(text, ensure_ascii=True)
 
 

@@ -24,6 +24,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -854,3 +856,43 @@ def test_a_layout_read_back_accepts_no_leaves() -> None:
     planned = fmt.Layout.plan(arrays)
     read_back = fmt.Layout(planned.tensors, planned.data_size)
     assert not read_back.accepts(list(arrays.values()))
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text()
+    | st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F))
+    | st.sampled_from(['"', "\\", '\\"', '{"a":"', "\x7f", "\x1f", "/", "\u2028", "\ud800"])
+)
+def test_a_header_string_is_escaped_exactly_as_json_dumps_would(text: str) -> None:
+    assert fmt._literal(text) == json.dumps(text, ensure_ascii=True)
+    assert json.loads(fmt._literal(text)) == text
+
+
+def test_saving_to_one_file_again_reuses_its_template_and_follows_every_change(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ckpt.safetensors"
+    states: list[dict[str, Any]] = [
+        {"w": np.arange(4.0), "b": np.zeros(2, np.float32), "n": 1},
+        {"w": np.arange(4.0) + 1, "b": np.ones(2, np.float32), "n": 1},  # values only
+        {"w": np.arange(4.0), "b": np.ones(2, np.float32), "n": True},  # 1 == True, yet not
+        {"w": np.arange(5.0), "b": np.ones(2, np.float32), "n": True},  # a shape
+        {"w": np.arange(5.0), "c": np.ones(2, np.float32), "n": True},  # a name
+        {"w": np.arange(5), "c": np.ones(2, np.float32), "n": True},  # a dtype
+    ]
+    templates = []
+    for state in states:
+        snapshotd.save(path, state)
+        templates.append(snapshot._saved.get(os.path.abspath(path)))
+        loaded = snapshotd.load(path)
+        assert list(loaded) == list(state)
+        for key, value in state.items():
+            if isinstance(value, np.ndarray):
+                assert loaded[key].dtype == value.dtype
+                np.testing.assert_array_equal(loaded[key], value)
+            else:
+                assert type(loaded[key]) is type(value)
+                assert loaded[key] == value
+    assert templates[1] is templates[0], "an unchanged layout and tree reuse the template"
+    assert all(a is not b for a, b in itertools.pairwise(templates[1:]))
