@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from snapshotd import rendezvous
+from snapshotd import collector, rendezvous
 from snapshotd.arena import Arena, layout_of, map_readonly, table_of
 from snapshotd.channel import Channel, connect
 from snapshotd.errors import (
@@ -69,7 +69,6 @@ from snapshotd.protocol import (
     TensorTable,
     check_arena,
 )
-from snapshotd.snapshot import paused_gc
 from snapshotd.store import Store
 from snapshotd.target import Target, adapt
 from snapshotd.tree import Skeleton, flatten, same_tree, unflatten
@@ -505,7 +504,7 @@ class _Capture:
         self, target: Target, request: int, step: int | None, safe_point: bool, session: int
     ) -> tuple[StateReady, int]:
         state = target.get_state()
-        with paused_gc():
+        with collector.paused():
             leaves = self._again(state)
             if leaves is None:
                 leaves = self._first(state)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from snapshotd import collector
 from snapshotd.errors import LocalProtocolError, RemoteProtocolError
 from snapshotd.recent import Recent
 
@@ -535,9 +536,10 @@ def _parse_body(body: bytes) -> Message:
     try:
         # UTF-8 only (json.loads would also take UTF-16/32 bytes); no NaN or Infinity;
         # no repeated keys (JSON says the last one wins, which hides mistakes).
-        document = json.loads(
-            body.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
-        )
+        with collector.paused():
+            document = json.loads(
+                body.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
+            )
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise RemoteProtocolError(f"frame body is not JSON: {exc}") from exc
     kind = document.get("type") if isinstance(document, dict) else None

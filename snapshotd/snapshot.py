@@ -25,14 +25,12 @@ This module also holds the store-less library functions :func:`save` and :func:`
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
-import gc
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +38,7 @@ from typing import Any, NoReturn, cast
 
 import numpy as np
 
+from snapshotd import collector
 from snapshotd.crashpoint import crashpoint
 from snapshotd.errors import CommitFailed, SnapshotCorrupt, StoreError, UsageError
 from snapshotd.format import (
@@ -64,7 +63,6 @@ __all__ = [
     "encode",
     "fsync_directory",
     "load",
-    "paused_gc",
     "read",
     "read_header",
     "save",
@@ -76,26 +74,6 @@ TMP_PREFIX = ".tmp."
 #: A C-contiguous bytes-like object: a memoryview or a contiguous ndarray.
 Buffer = Any
 _IOV_MAX = 1024
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Hold off the cyclic garbage collector while a state is flattened and encoded.
-
-    A state of 20,000 arrays makes ~100,000 short-lived, acyclic containers (structure
-    nodes, names, views); each allocation threshold crossed triggers a collection pass
-    that scans them all again, which cost a snapshot of that state 10-30 ms here. Nothing
-    made in between is cyclic, so nothing is lost by collecting afterwards. A program
-    that turned the collector off itself keeps it off.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 @dataclass(frozen=True)
@@ -591,7 +569,7 @@ def save(
     meta = _standalone_meta(target.stem, step, metadata)
     key = os.path.abspath(target)
     previous = _saved.get(key)
-    with paused_gc():
+    with collector.paused():
         flat = flatten(state_of(obj))
         payload = Payload.of_flat(flat, previous.layout if previous is not None else None)
         encoded = encode(payload, meta, previous)
