@@ -243,6 +243,11 @@ class Layout:
             )
         return ",".join(members)
 
+    @functools.cached_property
+    def header_parts(self) -> HeaderParts:
+        """The parts of a header that depend on this layout alone (see ``Template``)."""
+        return HeaderParts.of(self)
+
     def views(self, buffer: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
         """Typed views of ``buffer`` (uint8, the data section) per tensor; no copy."""
         # One constructor call per tensor (slice, view and reshape were three).
@@ -364,24 +369,17 @@ class Template:
         self.structure = structure
         self.kinds = kinds
         self._tree = _literal(_compact(structure)).encode()
-        self._dtypes = _literal(
-            _compact({t.name: t.dtype.name for t in layout.tensors if _code(t.dtype)[1]})
+        # The parts that depend on the layout alone are the layout's (made once per
+        # layout): a tree that changes under the same shapes, a step counter in the
+        # state, costs only its own JSON.
+        parts = layout.header_parts
+        self._dtypes = parts.dtypes
+        self._digest_keys = parts.digest_keys
+        self._middle = _MIDDLE
+        self._closing = parts.closing
+        self._fixed_length = (
+            len(self._tree) + len(_MIDDLE) + parts.digests_length + 32 + len(parts.closing)
         )
-        # The digest map {"name":"digest",...} is a JSON text inside a JSON string: each
-        # name's part ({"name":" or ","name":") is escaped twice, once, here.
-        self._digest_keys = tuple(
-            _literal(("{" if i == 0 else '",') + _literal(name) + ':"')[1:-1]
-            for i, name in enumerate(layout.names)
-        )
-        self._middle = (
-            f',"{_PREFIX}digest":{_literal(DIGEST_ALGORITHM)},"{_PREFIX}digests":'.encode()
-        )
-        entries = layout.entries_json
-        # After the header digest's 32 digits: the end of the metadata, then the tensors.
-        self._closing = ('"}' + ("," + entries if entries else "") + "}").encode()
-        # Every digest has 32 digits, so the header's length is known before them.
-        digests = len(self._digests(["0" * 32] * len(self._digest_keys)))
-        self._fixed_length = len(self._tree) + len(self._middle) + digests + 32 + len(self._closing)
 
     def fits(self, layout: Layout, structure: Structure, kinds: str | None) -> bool:
         """True when this template describes ``layout`` and ``structure``.
@@ -437,7 +435,10 @@ class Template:
             ("version", _literal(str(meta.version))),
             ("step", _literal("" if meta.step is None else str(meta.step))),
             ("created", _literal(_timestamp(meta.created))),
-            ("safe_point", _literal({None: "", True: "true", False: "false"}[meta.safe_point])),
+            (
+                "safe_point",
+                _literal({None: "", True: "true", False: "false"}[meta.safe_point]),
+            ),
         )
         head = ",".join(f'"{_PREFIX}{key}":{value}' for key, value in fields)
         user = _literal(_compact(dict(meta.user)))
@@ -448,10 +449,10 @@ class Template:
 
     def _digests(self, digests: Sequence[str]) -> str:
         if not digests:
-            return _literal("{}")
+            return _EMPTY_DIGESTS
         # Digests are hex digits: nothing in them needs escaping.
         parts = itertools.chain.from_iterable(zip(self._digest_keys, digests, strict=True))
-        return '"' + "".join(parts) + _literal('"}')[1:-1] + '"'
+        return '"' + "".join(parts) + _DIGESTS_END
 
 
 def _region_length(text: int) -> int:
@@ -477,6 +478,45 @@ def _literal(text: str) -> str:
 
 def _compact(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+_MIDDLE = f',"{_PREFIX}digest":{_literal(DIGEST_ALGORITHM)},"{_PREFIX}digests":'.encode()
+#: The digest map {"name":"digest",...} is a JSON text inside a JSON string.
+_EMPTY_DIGESTS = _literal("{}")
+_DIGESTS_END = _literal('"}')[1:-1] + '"'
+
+
+@dataclass(frozen=True)
+class HeaderParts:
+    """The parts of a header that depend on its layout alone, escaped once per layout."""
+
+    #: Each name's part of the digest map ({"name":" or ","name":"), escaped twice: the
+    #: map is a JSON text inside a JSON string.
+    digest_keys: tuple[str, ...]
+    #: The length of the digest map's string with every digest (32 digits) in it.
+    digests_length: int
+    #: ``dtypes`` metadata: the logical dtypes stored as pairs.
+    dtypes: str
+    #: After the header digest's 32 digits: the end of the metadata, then the tensors.
+    closing: bytes
+
+    @classmethod
+    def of(cls, layout: Layout) -> HeaderParts:
+        keys = tuple(
+            _literal(("{" if i == 0 else '",') + _literal(name) + ':"')[1:-1]
+            for i, name in enumerate(layout.names)
+        )
+        digests_length = (
+            1 + sum(map(len, keys)) + 32 * len(keys) + len(_DIGESTS_END)
+            if keys
+            else len(_EMPTY_DIGESTS)
+        )
+        dtypes = _literal(
+            _compact({t.name: t.dtype.name for t in layout.tensors if _code(t.dtype)[1]})
+        )
+        entries = layout.entries_json
+        closing = ('"}' + ("," + entries if entries else "") + "}").encode()
+        return cls(keys, digests_length, dtypes, closing)
 
 
 def header_length(prefix: bytes, file_size: int, source: str) -> int:
@@ -512,7 +552,8 @@ def decode_header(region: bytes, file_size: int, source: str) -> Header:
         raise SnapshotCorrupt(source, f"header is malformed: {exc!r}") from exc
     if header.file_size != file_size:
         raise SnapshotCorrupt(
-            source, f"file is {file_size} bytes, the header describes {header.file_size}"
+            source,
+            f"file is {file_size} bytes, the header describes {header.file_size}",
         )
     return header
 
@@ -633,7 +674,11 @@ def _build_tensor(name: str, entry: Mapping[str, Any], logical: str | None) -> T
     if logical is not None:
         if _AS_PAIRS.get(logical) != entry["dtype"] or not shape or shape[-1] != 2:
             raise ValueError(f"tensor {name!r} cannot be {logical}")
-        dtype, shape, count = np.dtype(logical).newbyteorder("<"), shape[:-1], count // 2
+        dtype, shape, count = (
+            np.dtype(logical).newbyteorder("<"),
+            shape[:-1],
+            count // 2,
+        )
     if end - begin != count * dtype.itemsize or begin < 0:
         raise ValueError(f"tensor {name!r}: offsets {begin}..{end} do not fit its shape")
     return Tensor(name, dtype, shape, begin, end)

@@ -896,3 +896,20 @@ def test_saving_to_one_file_again_reuses_its_template_and_follows_every_change(
                 assert loaded[key] == value
     assert templates[1] is templates[0], "an unchanged layout and tree reuse the template"
     assert all(a is not b for a, b in itertools.pairwise(templates[1:]))
+
+
+def test_templates_of_other_trees_on_one_layout_render_their_own_headers() -> None:
+    # A layout's header parts are made once and shared by every tree laid out with it
+    # (a step counter in the state changes the tree at every snapshot, not the layout).
+    layout = fmt.Layout.plan({"w": np.zeros(3), "b": np.zeros(2, np.float32)})
+    created = datetime(2031, 1, 1, tzinfo=UTC)
+    for step in (1, 2, 10**30):
+        structure = {"d": [["w", {"a": "w"}], ["b", {"a": "b"}], ["step", step]]}
+        template = fmt.Template(layout, structure, "i")
+        meta = fmt.Meta(name="r", version=step % 7, step=None, created=created, structure=structure)
+        digests = {name: f"{i:032x}" for i, name in enumerate(layout.names)}
+
+        rendered = template.render(meta, [digests[name] for name in layout.names])
+
+        assert rendered == reference_header(layout, meta, digests)
+        assert template.length(meta) == len(rendered)
