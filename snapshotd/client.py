@@ -505,56 +505,60 @@ class _Capture:
     ) -> tuple[StateReady, int]:
         state = target.get_state()
         with collector.paused():
-            leaves = self._again(state)
-            if leaves is None:
-                leaves = self._first(state)
+            taken = self._again(state)
+            if taken is None:
+                taken = self._first(state)
+        leaves, structure = taken
         assert self.arena is not None
         assert self.layout is not None
         assert self.table is not None
         assert self.skeleton is not None
         self.arena.fill_in_order(self.layout, self.layout.in_order(leaves))
-        message = self._describe(request, step, safe_point, self.skeleton, self.table, session)
+        kinds = self.skeleton.kinds
+        message = self._describe(request, step, safe_point, structure, kinds, session)
         return message, self.arena.fd
 
-    def _again(self, state: object) -> list[np.ndarray[Any, Any]] | None:
-        """The arrays of ``state`` taken in bulk, when it is the tree taken last time with
-        the same shapes and dtypes (see ``Skeleton``); None: flatten it."""
+    def _again(self, state: object) -> tuple[list[np.ndarray[Any, Any]], Any] | None:
+        """The arrays and structure of ``state`` taken in bulk, when it is the tree taken
+        last time with the same shapes and dtypes (see ``Skeleton``); None: flatten it."""
         if self.skeleton is None or self.layout is None:
             return None
-        leaves = self.skeleton.leaves(state)
-        if leaves is None or not self.layout.accepts(leaves):
+        taken = self.skeleton.take(state)
+        if taken is None or not self.layout.accepts(taken[0]):
             return None
-        return leaves
+        return taken
 
-    def _first(self, state: object) -> list[np.ndarray[Any, Any]]:
+    def _first(self, state: object) -> tuple[list[np.ndarray[Any, Any]], Any]:
         """Flatten ``state`` (a first one, or one that changed) and lay it out anew if
-        its shapes or dtypes changed; return its arrays."""
+        its shapes or dtypes changed; return its arrays and structure."""
         flat = flatten(state)
         self.skeleton = Skeleton(flat)
         if self.layout is None or not self.layout.matches(flat.arrays):
             self._relayout(Layout.plan(flat.arrays))
-        return list(flat.arrays.values())
+        return list(flat.arrays.values()), flat.structure
 
     def _describe(
         self,
         request: int,
         step: int | None,
         safe_point: bool,
-        tree: Skeleton,
-        table: TensorTable,
+        structure: Any,
+        kinds: str | None,
         session: int,
     ) -> StateReady:
         known = self._announced
+        table = self.table
+        assert table is not None
         if (
             known is not None
             and known.session == session
             and known.table is table
-            and same_tree(known.structure, known.kinds, tree.structure, tree.kinds)
+            and same_tree(known.structure, known.kinds, structure, kinds)
         ):
             return StateReady(request, step, safe_point, None, None, known.number)
         self._numbered += 1
-        self._announced = _Announced(session, self._numbered, table, tree.structure, tree.kinds)
-        return StateReady(request, step, safe_point, tree.structure, table, self._numbered)
+        self._announced = _Announced(session, self._numbered, table, structure, kinds)
+        return StateReady(request, step, safe_point, structure, table, self._numbered)
 
     def _relayout(self, layout: Layout) -> None:
         self.close()

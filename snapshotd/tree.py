@@ -350,10 +350,12 @@ class Skeleton:
     :func:`flatten` looks at every leaf from Python, about 0.6 µs an array: 12 ms for a
     state of 20,000, on the experiment's critical path at every snapshot. A state that
     is the same tree as the one flattened (the same container types and lengths, the
-    same keys of the same types in the same order, equal scalars of the same types, an
-    array or a numpy scalar wherever there was one) has the same structure and the same
-    tensor names, so only its arrays need taking: :meth:`leaves` takes them a container
-    at a time (a dict of arrays is one ``list(d.values())``).
+    same keys of the same types in the same order, scalars of the same types, an array
+    or a numpy scalar wherever there was one) has the same tensor names, so only its
+    arrays need taking: :meth:`take` takes them a container at a time (a dict of arrays
+    is one ``list(d.values())``). Scalars may have changed (a step counter usually
+    has): the structure then gets their new values, in a copy of the containers on
+    their way from the root.
 
     It does not look at the arrays' dtypes, shapes or memory order: the caller checks
     the leaves against its layout, and copies them with a conversion-free cast.
@@ -362,36 +364,50 @@ class Skeleton:
     def __init__(self, flat: Flat) -> None:
         self.structure = flat.structure
         self.kinds = flat.kinds
-        self._take = _taker(flat.structure)
+        self._take = _taker(flat.structure, ())
 
-    def leaves(self, state: object) -> list[np.ndarray[Any, Any]] | None:
+    def take(self, state: object) -> tuple[list[np.ndarray[Any, Any]], Structure] | None:
         """The arrays of ``state`` in :attr:`Flat.arrays` order (numpy scalars as 0-d
-        arrays), or None when ``state`` is not the same tree (flatten it instead)."""
+        arrays) and its structure, or None when ``state`` is not the same tree (flatten
+        it instead). The structure is :attr:`structure` itself unless a scalar changed;
+        the kinds are :attr:`kinds` either way."""
         out: list[Any] = []
-        if not self._take(state, out):
+        changes: _Changes = []
+        if not self._take(state, out, changes):
             return None
         # Exactly ndarray: a subclass (a masked array, a matrix) takes the general path.
         if out and set(map(type, out)) != {np.ndarray}:
             return None
-        return out
+        structure = self.structure
+        for path, node in changes:
+            structure = _replaced(structure, path, node)
+        return out, structure
 
 
-#: Takes the leaves of one node into a list; False when the value is not that node.
-_Take = Callable[[object, list[Any]], bool]
+#: Where a node is in a structure: the keys and indexes that lead to it from the root.
+_Path = tuple[str | int, ...]
+#: The scalars that changed: where, and their new nodes.
+_Changes = list[tuple[_Path, Structure]]
+#: Takes the leaves of one node into a list, and notes the scalars that changed; False
+#: when the value is not that node.
+_Take = Callable[[object, list[Any], _Changes], bool]
 
 
-def _taker(node: Structure) -> _Take:
+def _taker(node: Structure, path: _Path) -> _Take:
     """Compile one structure node (one :func:`flatten` wrote) into its :data:`_Take`."""
     if node is None or type(node) in (bool, int, str):
-        return functools.partial(_take_scalar, type(node), node)
+        return functools.partial(_take_scalar, type(node), node, path)
     ((tag, body),) = node.items()
     if tag == "a":
         return _take_array
     if tag == "s":
         return _take_numpy_scalar
     if tag in ("f", "fb"):
-        return functools.partial(_take_float, node)
-    children = [_taker(child) for _, child in body] if tag == "d" else list(map(_taker, body))
+        return functools.partial(_take_float, node, path)
+    if tag == "d":
+        children = [_taker(child, (*path, tag, i, 1)) for i, (_, child) in enumerate(body)]
+    else:
+        children = [_taker(child, (*path, tag, i)) for i, child in enumerate(body)]
     only_arrays = all(child is _take_array for child in children)
     if tag == "d":
         keys = tuple(key for key, _ in body)
@@ -402,21 +418,45 @@ def _taker(node: Structure) -> _Take:
     return functools.partial(_take_sequence, kind, len(children), None if only_arrays else children)
 
 
-def _take_scalar(kind: type, recorded: object, value: object, out: list[Any]) -> bool:
-    return type(value) is kind and value == recorded
+def _take_scalar(
+    kind: type,
+    recorded: object,
+    path: _Path,
+    value: object,
+    out: list[Any],
+    changes: _Changes,
+) -> bool:
+    if type(value) is not kind:
+        return False  # another type is another tree (and True == 1)
+    if value != recorded:
+        if kind is int and value.bit_length() > _MAX_INT_BITS:  # type: ignore[attr-defined]
+            return False  # flatten says why it cannot be stored
+        changes.append((path, value))
+    return True
 
 
-def _take_float(recorded: Structure, value: object, out: list[Any]) -> bool:
+def _take_float(
+    recorded: Structure,
+    path: _Path,
+    value: object,
+    out: list[Any],
+    changes: _Changes,
+) -> bool:
+    if type(value) is not float:
+        return False
     # By the node, not by ==: 0.0 == -0.0, and NaN equals nothing.
-    return type(value) is float and _float_node(value) == recorded
+    node = _float_node(value)
+    if node != recorded:
+        changes.append((path, node))
+    return True
 
 
-def _take_array(value: object, out: list[Any]) -> bool:
+def _take_array(value: object, out: list[Any], changes: _Changes) -> bool:
     out.append(value)  # its type is checked with all the others, in one go
     return True
 
 
-def _take_numpy_scalar(value: object, out: list[Any]) -> bool:
+def _take_numpy_scalar(value: object, out: list[Any], changes: _Changes) -> bool:
     if not isinstance(value, np.generic):
         return False
     out.append(np.asarray(value))
@@ -424,7 +464,11 @@ def _take_numpy_scalar(value: object, out: list[Any]) -> bool:
 
 
 def _take_dict(
-    keys: tuple[Any, ...], children: list[_Take] | None, value: object, out: list[Any]
+    keys: tuple[Any, ...],
+    children: list[_Take] | None,
+    value: object,
+    out: list[Any],
+    changes: _Changes,
 ) -> bool:
     # Equal keys of exact str/int types are the same keys: "1" != 1, and a bool or a
     # float that equals an int key has the wrong type.
@@ -433,11 +477,18 @@ def _take_dict(
     if children is None:
         out.extend(value.values())
         return True
-    return all(take(child, out) for take, child in zip(children, value.values(), strict=True))
+    return all(
+        take(child, out, changes) for take, child in zip(children, value.values(), strict=True)
+    )
 
 
 def _take_sequence(
-    kind: type, length: int, children: list[_Take] | None, value: object, out: list[Any]
+    kind: type,
+    length: int,
+    children: list[_Take] | None,
+    value: object,
+    out: list[Any],
+    changes: _Changes,
 ) -> bool:
     if type(value) is not kind:
         return False
@@ -447,11 +498,24 @@ def _take_sequence(
     if children is None:
         out.extend(sequence)
         return True
-    return all(take(child, out) for take, child in zip(children, sequence, strict=True))
+    return all(take(child, out, changes) for take, child in zip(children, sequence, strict=True))
 
 
-def _never(value: object, out: list[Any]) -> bool:
+def _never(value: object, out: list[Any], changes: _Changes) -> bool:
     return False
+
+
+def _replaced(node: Structure, path: _Path, new: Structure) -> Structure:
+    """``node`` with the node at ``path`` replaced by ``new``; the containers on the way
+    are copied (one list copy each), everything else is shared."""
+    if not path:
+        return new
+    step, rest = path[0], path[1:]
+    if isinstance(step, str):  # the tag of a container node
+        return {step: _replaced(node[step], rest, new)}
+    copy = list(node)
+    copy[step] = _replaced(node[step], rest, new)
+    return copy
 
 
 _KEYS = frozenset({str, int})

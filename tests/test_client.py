@@ -1115,8 +1115,11 @@ def test_a_state_taken_again_is_not_walked_again(monkeypatch: pytest.MonkeyPatch
             state["p0"] += 1  # new values only
             capture.take(adapt(state), request, None, True, session=1)
         assert len(walks) == 1
-        state["step"] = 2  # a scalar is part of the tree: walked again, once
-        capture.take(adapt(state), 4, None, True, session=1)
+        state["step"] = 2  # a new value of a scalar: a new structure, still no walk
+        changed, _fd = capture.take(adapt(state), 4, None, True, session=1)
+        assert changed.structure == flatten(state).structure
+        assert len(walks) == 1
+        state["step"] = 2.5  # another type: another tree, walked again, once
         capture.take(adapt(state), 5, None, True, session=1)
         assert len(walks) == 2
         state["p1"] = np.zeros(5, np.float32)  # another shape: walked and laid out again

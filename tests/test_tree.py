@@ -6,6 +6,7 @@ array dtypes, shapes and bytes (NaN payloads included), and the exact type of ev
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import tempfile
@@ -660,19 +661,21 @@ def test_skeleton_takes_the_same_tree_in_flatten_order_without_copying() -> None
     state["w"] += 1  # new values, same tree
     state["opt"][1]["m"] = np.int8(9)  # a numpy scalar is data, not structure
 
-    leaves = skeleton.leaves(state)
+    taken = skeleton.take(state)
 
-    assert leaves is not None
+    assert taken is not None
+    leaves, structure = taken
     _assert_taken_as_flatten_would(state, leaves)
     assert leaves[0] is state["w"]
-    assert skeleton.structure == tree.flatten(state).structure
+    assert structure is skeleton.structure, "no scalar changed: the very same structure"
+    assert structure == tree.flatten(state).structure
 
 
 def test_skeleton_of_a_dict_of_arrays_takes_them_as_they_are() -> None:
     state = {f"p{i}": np.full(3, i, np.float32) for i in range(100)}
-    leaves = _skeleton_of(state).leaves(state)
-    assert leaves is not None
-    assert all(leaf is array for leaf, array in zip(leaves, state.values(), strict=True))
+    taken = _skeleton_of(state).take(state)
+    assert taken is not None
+    assert all(leaf is array for leaf, array in zip(taken[0], state.values(), strict=True))
 
 
 def _rekey(state: dict[Any, Any], old: Any, new: Any) -> None:
@@ -708,12 +711,9 @@ SKELETON_BASE: dict[Any, Any] = {
         pytest.param(lambda s: s["seq"].pop(), id="array list shrank"),
         pytest.param(lambda s: s.update(seq=tuple(s["seq"])), id="list became tuple"),
         pytest.param(lambda s: s.update(pair=list(s["pair"])), id="tuple became list"),
-        pytest.param(lambda s: s.update(pair=(s["pair"][0], 2)), id="int changed"),
         pytest.param(lambda s: s.update(pair=(s["pair"][0], True)), id="1 became True"),
-        pytest.param(lambda s: s.update(lr=-0.0), id="0.0 became -0.0"),
         pytest.param(lambda s: s.update(lr=0), id="float became int"),
         pytest.param(lambda s: s.update(flag=0), id="False became 0"),
-        pytest.param(lambda s: s.update(name="b"), id="str changed"),
         pytest.param(lambda s: s.update(none=np.zeros(1)), id="None became an array"),
         pytest.param(lambda s: s.update(w=1.5), id="array became a float"),
         pytest.param(lambda s: s.update(w=np.float64(1.5)), id="array became a numpy scalar"),
@@ -726,7 +726,47 @@ def test_skeleton_refuses_a_different_tree(change: Callable[[dict[Any, Any]], An
     state = {k: v.copy() if isinstance(v, dict | list) else v for k, v in SKELETON_BASE.items()}
     skeleton = _skeleton_of(state)
     change(state)
-    assert skeleton.leaves(state) is None
+    assert skeleton.take(state) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda s: s.update(pair=(s["pair"][0], 2)), id="int changed"),
+        pytest.param(lambda s: s.update(lr=-0.0), id="0.0 became -0.0"),
+        pytest.param(lambda s: s.update(lr=math.nan), id="0.0 became NaN"),
+        pytest.param(lambda s: s.update(name="b"), id="str changed"),
+        pytest.param(lambda s: s.update(flag=True), id="bool changed"),
+        pytest.param(
+            lambda s: s.update(lr=2.5, name="c", pair=(s["pair"][0], 7)), id="three changed"
+        ),
+        pytest.param(lambda s: s[1].update(x=np.ones(2)), id="only an array"),
+    ],
+)
+def test_skeleton_takes_new_scalar_values_into_a_new_structure(
+    change: Callable[[dict[Any, Any]], Any],
+) -> None:
+    state = {k: v.copy() if isinstance(v, dict | list) else v for k, v in SKELETON_BASE.items()}
+    skeleton = _skeleton_of(state)
+    before = json.dumps(skeleton.structure)
+    change(state)
+
+    taken = skeleton.take(state)
+
+    assert taken is not None
+    leaves, structure = taken
+    flat = tree.flatten(state)
+    assert structure == flat.structure
+    assert skeleton.kinds == flat.kinds
+    _assert_taken_as_flatten_would(state, leaves)
+    assert json.dumps(skeleton.structure) == before, "the skeleton's structure was modified"
+
+
+def test_skeleton_refuses_an_int_too_big_to_store() -> None:
+    state = {"n": 1, "w": np.zeros(1)}
+    skeleton = _skeleton_of(state)
+    state["n"] = 1 << 20_000
+    assert skeleton.take(state) is None
 
 
 def test_skeleton_of_a_dict_with_subclassed_keys_always_defers_to_flatten() -> None:
@@ -734,36 +774,48 @@ def test_skeleton_of_a_dict_with_subclassed_keys_always_defers_to_flatten() -> N
         __slots__ = ()
 
     state = {Key("a"): np.zeros(1)}
-    assert _skeleton_of(state).leaves(state) is None
+    assert _skeleton_of(state).take(state) is None
 
 
-def _with_new_arrays(state: Any, seed: int) -> Any:
-    """``state`` with every array replaced by different values of its dtype and shape."""
+def _with_new_leaves(state: Any, seed: int) -> Any:
+    """``state`` with every array replaced by different values of its dtype and shape,
+    and every plain scalar but None by another value of its type."""
     if isinstance(state, np.ndarray):
         return random_values(state.dtype.name, state.shape, seed)
     if isinstance(state, dict):
-        return {k: _with_new_arrays(v, seed + i) for i, (k, v) in enumerate(state.items())}
+        return {k: _with_new_leaves(v, seed + i) for i, (k, v) in enumerate(state.items())}
     if isinstance(state, tuple | list):
-        return type(state)(_with_new_arrays(v, seed + i) for i, v in enumerate(state))
+        return type(state)(_with_new_leaves(v, seed + i) for i, v in enumerate(state))
+    if type(state) is bool:
+        return not state
+    if type(state) is int:
+        return state + seed + 1
+    if type(state) is float:
+        return [-state, math.nan, 0.5 * seed][seed % 3]
+    if type(state) is str:
+        return state + str(seed)
     return state
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(TREES, TREES, st.integers(0, 2))
-def test_skeleton_takes_a_tree_only_as_flatten_would(first: Any, other: Any, how: int) -> None:
-    # The property that lets the client skip flatten: whatever Skeleton.leaves accepts,
+@given(TREES, TREES, st.integers(0, 2), st.integers(0, 5))
+def test_skeleton_takes_a_tree_only_as_flatten_would(
+    first: Any, other: Any, how: int, seed: int
+) -> None:
+    # The property that lets the client skip flatten: whatever Skeleton.take accepts,
     # flatten gives the same structure, kinds and names, and the same arrays.
     skeleton = _skeleton_of(first)
-    second = [first, _with_new_arrays(first, 1), other][how]
+    second = [first, _with_new_leaves(first, seed), other][how]
 
-    leaves = skeleton.leaves(second)
+    taken = skeleton.take(second)
 
     if how < 2:
-        assert leaves is not None, "the same tree must be taken in bulk"
-    if leaves is not None:
+        assert taken is not None, "the same tree must be taken in bulk"
+    if taken is not None:
+        leaves, structure = taken
         again = tree.flatten(second)
-        assert again.structure == skeleton.structure
-        assert again.kinds == skeleton.kinds
+        assert structure == again.structure
+        assert skeleton.kinds == again.kinds
         _assert_taken_as_flatten_would(second, leaves)
 
 
