@@ -378,10 +378,7 @@ class Skeleton:
         # Exactly ndarray: a subclass (a masked array, a matrix) takes the general path.
         if out and set(map(type, out)) != {np.ndarray}:
             return None
-        structure = self.structure
-        for path, node in changes:
-            structure = _replaced(structure, path, node)
-        return out, structure
+        return out, _patched(self.structure, changes) if changes else self.structure
 
 
 #: Where a node is in a structure: the keys and indexes that lead to it from the root.
@@ -395,7 +392,8 @@ _Take = Callable[[object, list[Any], _Changes], bool]
 
 def _taker(node: Structure, path: _Path) -> _Take:
     """Compile one structure node (one :func:`flatten` wrote) into its :data:`_Take`."""
-    if node is None or type(node) in (bool, int, str):
+    # isinstance: flatten keeps a str subclass (an enum.StrEnum member) as it is.
+    if node is None or isinstance(node, bool | int | str):
         return functools.partial(_take_scalar, type(node), node, path)
     ((tag, body),) = node.items()
     if tag == "a":
@@ -505,17 +503,25 @@ def _never(value: object, out: list[Any], changes: _Changes) -> bool:
     return False
 
 
-def _replaced(node: Structure, path: _Path, new: Structure) -> Structure:
-    """``node`` with the node at ``path`` replaced by ``new``; the containers on the way
-    are copied (one list copy each), everything else is shared."""
-    if not path:
-        return new
-    step, rest = path[0], path[1:]
-    if isinstance(step, str):  # the tag of a container node
-        return {step: _replaced(node[step], rest, new)}
-    copy = list(node)
-    copy[step] = _replaced(node[step], rest, new)
-    return copy
+def _patched(structure: Structure, changes: _Changes) -> Structure:
+    """``structure`` with each changed scalar's node replaced. Every container on the way
+    to a change is copied once (a dict node or a list), however many changes it leads
+    to; everything else is shared with ``structure``, which is left as it was."""
+    holder: Any = [structure]  # so that the root is copied like any other container
+    copies: dict[_Path, Any] = {(): holder}
+    for path, new in changes:
+        steps = (0, *path)
+        parent: Any = holder
+        for depth in range(1, len(steps)):
+            container = copies.get(steps[:depth])
+            if container is None:
+                original = parent[steps[depth - 1]]
+                container = dict(original) if isinstance(original, dict) else list(original)
+                parent[steps[depth - 1]] = container
+                copies[steps[:depth]] = container
+            parent = container
+        parent[steps[-1]] = new
+    return holder[0]
 
 
 _KEYS = frozenset({str, int})

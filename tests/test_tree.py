@@ -6,6 +6,7 @@ array dtypes, shapes and bytes (NaN payloads included), and the exact type of ev
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import struct
@@ -838,3 +839,39 @@ def test_tensor_names_do_not_depend_on_dtypes_seen_before(
     again = tree.flatten(state)
     assert list(first.arrays) == names
     assert list(again.arrays) == names
+
+
+class Mode(enum.StrEnum):
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+def test_skeleton_keeps_a_str_subclass_value_as_flatten_does() -> None:
+    state: dict[str, Any] = {"w": np.zeros(2), "mode": Mode.TRAIN}
+    skeleton = _skeleton_of(state)
+    for mode in (Mode.TRAIN, Mode.EVAL):
+        state["mode"] = mode
+        taken = skeleton.take(state)
+        assert taken is not None
+        assert taken[1] == tree.flatten(state).structure
+    state["mode"] = "eval"  # a plain str where the subclass was: another tree
+    assert skeleton.take(state) is None
+
+
+def test_skeleton_patches_many_changed_scalars_under_shared_containers() -> None:
+    # A per-parameter optimiser state: every entry's step changes at every snapshot.
+    state: dict[int, Any] = {
+        i: {"step": 0, "m": np.zeros(2), "lr": [0.1, 0.2]} for i in range(2000)
+    }
+    skeleton = _skeleton_of(state)
+    before = json.dumps(skeleton.structure)
+    for entry in state.values():
+        entry["step"] += 1
+        entry["lr"][1] = -0.0
+    state[7]["lr"][0] = math.inf
+
+    taken = skeleton.take(state)
+
+    assert taken is not None
+    assert taken[1] == tree.flatten(state).structure
+    assert json.dumps(skeleton.structure) == before
