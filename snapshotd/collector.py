@@ -24,7 +24,10 @@ def paused() -> Iterator[None]:
 
     A program that turned the collector off itself keeps it off. The switch is the
     interpreter's, not the thread's: two threads inside overlapping blocks may turn it
-    back on early for each other, which only costs the time a collection takes.
+    back on early for each other, which only costs the time a collection takes, and a
+    program that turns it off from another thread during a block finds it on again
+    after it. So the blocks are kept to the bursts that need them: an experiment's
+    snapshot at its safe point, and the decoding of a large message.
     """
     if not gc.isenabled():
         yield

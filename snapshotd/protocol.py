@@ -22,6 +22,7 @@ the shared memory. A violation raises :class:`RemoteProtocolError` on the receiv
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -532,11 +533,18 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return document
 
 
+#: A body this long makes enough objects to be worth holding the collector off for (a
+#: full description of many arrays). Smaller ones are not: the collector's switch is the
+#: whole process's, and an experiment's service thread decodes them while the user's
+#: own code runs.
+_MANY_NODES = 64 << 10
+
+
 def _parse_body(body: bytes) -> Message:
     try:
         # UTF-8 only (json.loads would also take UTF-16/32 bytes); no NaN or Infinity;
         # no repeated keys (JSON says the last one wins, which hides mistakes).
-        with collector.paused():
+        with collector.paused() if len(body) >= _MANY_NODES else contextlib.nullcontext():
             document = json.loads(
                 body.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
             )

@@ -63,7 +63,7 @@ from snapshotd.protocol import (
     TensorTable,
     encode,
 )
-from snapshotd.transport import Capture, Experiment
+from snapshotd.transport import Capture, Experiment, StagingBudgetExceeded
 from snapshotd.tree import flatten, unflatten
 from tests.experiment import (
     KINDS,
@@ -925,3 +925,45 @@ def test_a_table_in_any_order_is_committed_in_offset_order(tmp_path: Path) -> No
     loaded = store.load(NAME, outcome.version)
     np.testing.assert_array_equal(loaded["W"], w)
     np.testing.assert_array_equal(loaded["b"], b)
+
+
+def test_a_connection_closed_mid_snapshot_leaves_the_capture_readable(tmp_path: Path) -> None:
+    # The daemon's rescan may close a connection from another thread while a scheduled
+    # commit still reads the capture: the shared memory must stay mapped until it is done.
+    store = Store(tmp_path)
+    with child_process("midclose", "--arrays", "4", "--size", "1024") as child:
+        experiment = experiment_for(child)
+        try:
+            capture = experiment.snapshot(5.0)
+            experiment.close()
+            with capture.payload() as payload:
+                version = store.commit_payload("midclose", payload, step=capture.step)
+            del payload  # it holds views of the shared memory
+            capture.release()
+        finally:
+            experiment.close()
+        assert arenas_mapped_here(child.name) == 0
+    arrays, t = unpack("object", store.load("midclose", version))
+    assert mismatch(arrays, t) is None
+    assert t == capture.step
+
+
+def test_an_arena_refused_by_the_staging_budget_is_not_kept_mapped() -> None:
+    size, count, grow_at = 8192, 2, 20
+    options = ("--arrays", str(count), "--size", str(size), "--sleep", "0.003")
+    nbytes = sum(a.nbytes for a in make_arrays(count, size, 0, DTYPES))
+    with child_process("budget", *options, "--grow-at", str(grow_at)) as child:
+        experiment = experiment_for(child, staging_budget=nbytes)
+        try:
+            refused = False
+            for _ in range(200):
+                try:
+                    finish(experiment, experiment.snapshot(5.0))
+                except StagingBudgetExceeded:
+                    refused = True
+                    break
+                assert arenas_mapped_here(child.name) == 1
+            assert refused, "the state never outgrew the budget"
+            assert arenas_mapped_here(child.name) == 0, "the outgrown arena stayed mapped"
+        finally:
+            experiment.close()
