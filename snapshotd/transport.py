@@ -123,7 +123,8 @@ class Capture:
 
     def release(self) -> None:
         """Let go of the state: the experiment may overwrite it from now on. Views from
-        :meth:`flat` must be dropped first (the mapping itself is the connection's)."""
+        :meth:`flat` must be dropped first. The mapping is unmapped once neither the
+        connection nor any capture holds it (see ``_Mapped``)."""
         self._data = None
         self._mapped = None
 
