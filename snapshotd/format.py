@@ -357,7 +357,6 @@ class Template:
         "_digest_keys",
         "_dtypes",
         "_fixed_length",
-        "_middle",
         "_tree",
         "kinds",
         "layout",
@@ -375,7 +374,6 @@ class Template:
         parts = layout.header_parts
         self._dtypes = parts.dtypes
         self._digest_keys = parts.digest_keys
-        self._middle = _MIDDLE
         self._closing = parts.closing
         self._fixed_length = (
             len(self._tree) + len(_MIDDLE) + parts.digests_length + 32 + len(parts.closing)
@@ -409,7 +407,7 @@ class Template:
             b"",  # the length prefix, below
             head,
             self._tree,
-            self._middle,
+            _MIDDLE,
             self._digests(digests).encode("ascii"),
             tail,
             _ZERO_DIGEST.encode(),  # the header digest: zeros while it is computed
@@ -435,10 +433,7 @@ class Template:
             ("version", _literal(str(meta.version))),
             ("step", _literal("" if meta.step is None else str(meta.step))),
             ("created", _literal(_timestamp(meta.created))),
-            (
-                "safe_point",
-                _literal({None: "", True: "true", False: "false"}[meta.safe_point]),
-            ),
+            ("safe_point", _literal({None: "", True: "true", False: "false"}[meta.safe_point])),
         )
         head = ",".join(f'"{_PREFIX}{key}":{value}' for key, value in fields)
         user = _literal(_compact(dict(meta.user)))
@@ -552,8 +547,7 @@ def decode_header(region: bytes, file_size: int, source: str) -> Header:
         raise SnapshotCorrupt(source, f"header is malformed: {exc!r}") from exc
     if header.file_size != file_size:
         raise SnapshotCorrupt(
-            source,
-            f"file is {file_size} bytes, the header describes {header.file_size}",
+            source, f"file is {file_size} bytes, the header describes {header.file_size}"
         )
     return header
 
@@ -674,11 +668,7 @@ def _build_tensor(name: str, entry: Mapping[str, Any], logical: str | None) -> T
     if logical is not None:
         if _AS_PAIRS.get(logical) != entry["dtype"] or not shape or shape[-1] != 2:
             raise ValueError(f"tensor {name!r} cannot be {logical}")
-        dtype, shape, count = (
-            np.dtype(logical).newbyteorder("<"),
-            shape[:-1],
-            count // 2,
-        )
+        dtype, shape, count = np.dtype(logical).newbyteorder("<"), shape[:-1], count // 2
     if end - begin != count * dtype.itemsize or begin < 0:
         raise ValueError(f"tensor {name!r}: offsets {begin}..{end} do not fit its shape")
     return Tensor(name, dtype, shape, begin, end)
