@@ -259,9 +259,9 @@ class Layout:
     def matches(self, arrays: Mapping[str, np.ndarray[Any, Any]]) -> bool:
         """True when ``arrays`` has exactly these names, dtypes and shapes."""
         if self.source is not None:
-            # Same names in the same order, then the same shapes and dtypes: three list
+            # Same names in the same order, then the same shapes and dtypes: list
             # comparisons instead of a Python loop over every tensor.
-            return _signature(arrays) == self.source
+            return tuple(arrays) == self.source[0] and self.accepts(list(arrays.values()))
         return len(arrays) == len(self.tensors) and all(
             t.name in arrays
             and arrays[t.name].shape == t.shape
