@@ -6,7 +6,8 @@ Three kinds of target, all seen through the :class:`Target` protocol:
   takes it back. As in pickle, an object without ``__setstate__`` has a dict state
   merged into its ``__dict__``, so plain classes work too;
 - a ``dict`` of named values: arrays are restored in place where shape and dtype match
-  (other references to them see the new values), replaced otherwise; an optional
+  and no other entry shares their memory (other references to them see the new
+  values), replaced otherwise; an optional
   ``rename`` maps stored names to current ones (the tutorial's ``W`` -> ``weights``);
 - explicit ``get``/``set`` callables.
 
@@ -16,7 +17,7 @@ missing and unexpected names before it changes anything. Pure: no files, no sock
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,7 +25,15 @@ import numpy as np
 
 from snapshotd.errors import RestoreMismatch, UsageError
 
-__all__ = ["CallableTarget", "DictTarget", "ObjectTarget", "Target", "adapt", "state_of"]
+__all__ = [
+    "CallableTarget",
+    "DictTarget",
+    "ObjectTarget",
+    "Target",
+    "adapt",
+    "overlapping",
+    "state_of",
+]
 
 
 class Target(Protocol):
@@ -80,11 +89,46 @@ class DictTarget:
         unexpected = sorted(repr(k) for k in incoming.keys() - self.mapping.keys())
         if missing or unexpected:
             raise RestoreMismatch(missing, unexpected, [])
+        arrays = [key for key in incoming if isinstance(self.mapping[key], np.ndarray)]
+        shared = {arrays[i] for i in overlapping([self.mapping[key] for key in arrays])}
         for key, value in incoming.items():
-            self.mapping[key] = _in_place(self.mapping[key], value)
+            current = self.mapping[key]
+            self.mapping[key] = value if key in shared else _in_place(current, value)
+
+
+def overlapping(arrays: Sequence[np.ndarray[Any, Any]]) -> set[int]:
+    """The positions in ``arrays`` of those that share memory with another one there.
+
+    Filling those in place would let one overwrite another: tied weights are one array
+    under two names, and the stored state may hold them untied. Judged by the span of
+    bytes each one covers, so interleaved strided views count as sharing.
+    """
+    if all(a.base is None for a in arrays) and len({id(a) for a in arrays}) == len(arrays):
+        return set()  # each owns its memory and none is there twice
+    spans = sorted((*_span(a), i) for i, a in enumerate(arrays) if a.nbytes)
+    shared = set()
+    reach = -1  # the furthest end of the spans before this one
+    for n, (low, high, i) in enumerate(spans):
+        after = spans[n + 1][0] if n + 1 < len(spans) else high
+        if low < reach or after < high:
+            shared.add(i)
+        reach = max(reach, high)
+    return shared
+
+
+def _span(array: np.ndarray[Any, Any]) -> tuple[int, int]:
+    """The first byte of ``array`` and one past its last (strides may be negative)."""
+    low = high = array.ctypes.data
+    for extent, stride in zip(array.shape, array.strides, strict=True):
+        reach = (extent - 1) * stride
+        low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+    return low, high + array.itemsize
 
 
 def _in_place(current: Any, value: Any) -> Any:
+    if value is current:
+        # Restored into this very array already (``snapshot.read`` with ``into``).
+        return current
     fits = (
         isinstance(current, np.ndarray)
         and isinstance(value, np.ndarray)

@@ -11,10 +11,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numpy.lib.array_utils import byte_bounds
 
 import snapshotd
 from snapshotd.errors import RestoreMismatch, UsageError
-from snapshotd.target import adapt
+from snapshotd.target import adapt, overlapping
 
 Array = npt.NDArray[Any]
 
@@ -379,3 +382,63 @@ def test_get_callable_wins_over_the_object(tmp_path: Path) -> None:
 def test_impossible_targets_are_usage_errors(make: Callable[[], Any]) -> None:
     with pytest.raises(UsageError):
         make()
+
+
+# --- which arrays share memory ------------------------------------------------------
+
+
+def test_arrays_that_own_their_memory_never_overlap() -> None:
+    assert overlapping([np.zeros(3), np.zeros(3), np.zeros(0)]) == set()
+
+
+def test_one_array_twice_overlaps_itself() -> None:
+    w = np.zeros(3)
+    assert overlapping([np.ones(2), w, w]) == {1, 2}
+
+
+@pytest.mark.parametrize(
+    ("cut", "expected"),
+    [
+        (lambda f: [f[:5], f[5:]], set()),
+        (lambda f: [f[:6], f[5:]], {0, 1}),
+        (lambda f: [f[2:4], f, f[8:]], {0, 1, 2}),
+        (lambda f: [f[:3], f[3:6], f[4:5]], {1, 2}),
+        (lambda f: [f[::-1][5:], f[5:]], set()),
+        (lambda f: [f[::-1][:6], f[:5]], {0, 1}),
+        (lambda f: [f[::2], f[1::2]], {0, 1}),
+        (lambda f: [f.reshape(2, 5)[:, :2], f[2:3]], {0, 1}),
+        (lambda f: [f[:0], f[:0], f[3:4]], set()),
+    ],
+    ids=[
+        "adjacent",
+        "one-shared-element",
+        "inside-another",
+        "only-the-overlapping-pair",
+        "reversed-adjacent",
+        "reversed-overlapping",
+        "interleaved-counts-as-shared",
+        "strided-rows-span",
+        "empty-views",
+    ],
+)
+def test_views_overlap_where_their_spans_meet(
+    cut: Callable[[Array], list[Array]], expected: set[int]
+) -> None:
+    assert overlapping(cut(np.zeros(10))) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40), st.booleans()), max_size=8))
+def test_overlapping_agrees_with_numpys_byte_bounds(
+    cuts: list[tuple[int, int, bool]],
+) -> None:
+    flat = np.zeros(40)
+    arrays = [(flat[::-1] if flip else flat)[min(a, b) : max(a, b)] for a, b, flip in cuts]
+    bounds = [byte_bounds(a) for a in arrays]
+    expected = {
+        i
+        for i, (low, high) in enumerate(bounds)
+        if high > low
+        and any(j != i and lo < high and low < hi and hi > lo for j, (lo, hi) in enumerate(bounds))
+    }
+    assert overlapping(arrays) == expected
