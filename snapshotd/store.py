@@ -52,7 +52,7 @@ from snapshotd.errors import (
 )
 from snapshotd.format import Header, Template
 from snapshotd.names import check_name
-from snapshotd.target import adapt, state_of
+from snapshotd.target import state_of
 from snapshotd.tree import Flat, flatten
 
 __all__ = ["Check", "Store", "Version"]
@@ -261,18 +261,22 @@ class Store:
             NoGoodSnapshot: versions exist but none verifies (all were quarantined).
             SnapshotCorrupt: the explicitly requested ``version`` is bad (quarantined).
         """
-        loaded = self.read(name, version)
-        tree = loaded.tree()
-        if into is None:
-            return tree
-        adapt(into).set_state(tree)
-        return into
+        return snapshot.restore(lambda arrays: self.read(name, version, arrays), into)
 
-    def read(self, name: str, version: int | None = None) -> snapshot.Loaded:
-        """The verified snapshot (header and arrays) that :meth:`load` would use."""
+    def read(
+        self,
+        name: str,
+        version: int | None = None,
+        into: Mapping[str, np.ndarray[Any, Any]] | None = None,
+    ) -> snapshot.Loaded:
+        """The verified snapshot (header and arrays) that :meth:`load` would use.
+
+        ``into``: arrays to restore into, as :func:`snapshot.read` takes them; a version
+        that fails verification leaves them unchanged, and the next older one is tried.
+        """
         run = self._run_dir(check_name(name))
         if version is not None:
-            return self._read_exact(name, run, version)
+            return self._read_exact(name, run, version, into)
         listed = _listed(run)
         if not listed and self.quarantined(name):
             raise NoGoodSnapshot(
@@ -282,7 +286,7 @@ class Store:
             raise NoSnapshot(f"no snapshots of {name!r} in {self.root}", str(run))
         for found, path in reversed(listed):
             try:
-                return _read_verified(name, found, path)
+                return _read_verified(name, found, path, into)
             except SnapshotCorrupt as exc:
                 self._quarantine(run, found, path, exc.reason)
                 _warn_fallback(name, found, exc.reason)
@@ -292,12 +296,18 @@ class Store:
             str(run),
         )
 
-    def _read_exact(self, name: str, run: Path, version: int) -> snapshot.Loaded:
+    def _read_exact(
+        self,
+        name: str,
+        run: Path,
+        version: int,
+        into: Mapping[str, np.ndarray[Any, Any]] | None,
+    ) -> snapshot.Loaded:
         path = run / file_name(version)
         if not path.exists():
             raise NoSnapshot(f"{name!r} has no version {version}", str(path))
         try:
-            return _read_verified(name, version, path)
+            return _read_verified(name, version, path, into)
         except SnapshotCorrupt as exc:
             self._quarantine(run, version, path, exc.reason)
             raise
@@ -510,19 +520,28 @@ def _record_version(lock_fd: int, version: int) -> None:
         os.pwrite(lock_fd, f"{version}\n".encode(), 0)
 
 
-def _read_verified(name: str, version: int, path: Path) -> snapshot.Loaded:
-    """Read and verify ``path`` as version ``version`` of run ``name``.
+def _read_verified(
+    name: str,
+    version: int,
+    path: Path,
+    into: Mapping[str, np.ndarray[Any, Any]] | None = None,
+) -> snapshot.Loaded:
+    """Read and verify ``path`` as version ``version`` of run ``name`` (restoring into
+    ``into`` as :func:`snapshot.read` does).
 
     Besides the file's own checks, the header must name this run and this version: a
-    valid file copied under another run's or another version's name is caught here.
+    valid file copied under another run's or another version's name is caught here,
+    before any data is read.
     """
-    loaded = snapshot.read(path)
-    meta = loaded.header.meta
-    if meta.name != name:
-        raise SnapshotCorrupt(str(path), f"the header names run {meta.name!r}, not {name!r}")
-    if meta.version != version:
-        raise SnapshotCorrupt(str(path), _misnamed(meta.version))
-    return loaded
+
+    def check(header: Header) -> None:
+        meta = header.meta
+        if meta.name != name:
+            raise SnapshotCorrupt(str(path), f"the header names run {meta.name!r}, not {name!r}")
+        if meta.version != version:
+            raise SnapshotCorrupt(str(path), _misnamed(meta.version))
+
+    return snapshot.read(path, into, check)
 
 
 def _problem_of(name: str, version: int, path: Path) -> str | None:

@@ -887,6 +887,17 @@ def test_resume_loads_the_newest_snapshot_before_register_returns(
     model.b += 1
 
 
+def test_resume_fills_the_arrays_the_run_already_has(runtime: Path, store: Store) -> None:
+    """No second copy of the state: the model's own arrays take the stored values."""
+    model = Model()
+    weights, bias = model.W, model.b
+    with snapshotd.register("resumed", model, resume=True, store=store.root, runtime_dir=runtime):
+        pass
+    assert model.W is weights
+    assert model.b is bias
+    np.testing.assert_array_equal(weights, np.full((6, 3), 2.0))
+
+
 def test_resume_a_chosen_version(runtime: Path, store: Store) -> None:
     model = Model()
     with snapshotd.register(
