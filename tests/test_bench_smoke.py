@@ -26,6 +26,7 @@ REQUIRED_CASES = {
     "peer.safetensors_load",
     "snapshotd.store_commit",
     "snapshotd.store_load",
+    "snapshotd.store_restore",
     "snapshotd.save",
     "snapshotd.load",
 }

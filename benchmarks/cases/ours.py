@@ -4,6 +4,9 @@
   the committed file is unlinked between runs, so every run writes a new file;
 - ``Store.load``: the newest version, every digest verified, page cache warm (and, for
   comparison with the cold read limit, after dropping the file from the page cache);
+- ``Store.load(into=...)``: the same restored into arrays the caller already has, as
+  ``resume=True`` restores a run: the same situation as the read limit's prefaulted
+  buffer, where a plain load must first get new memory for the state;
 - ``snapshotd.save`` / ``snapshotd.load``: the store-less functions, one file.
 """
 
@@ -68,6 +71,27 @@ class Load(Bench):
         return self.cache.notes()
 
 
+class Restore(Load):
+    """Into a prefaulted copy of the state's arrays, as a resumed run already has them."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx, cold=False)
+        self.into: dict[str, Any] = {}
+
+    def setup(self) -> None:
+        self.into = {name: array.copy() for name, array in self.ctx.state.arrays.items()}
+        self.kept = dict(self.into)
+        super().setup()
+
+    def run(self) -> None:
+        self.result = self.store.load(RUN, into=self.into)
+
+    def after(self) -> None:
+        if any(self.into[name] is not array for name, array in self.kept.items()):
+            raise RuntimeError("Store.load(into=...) replaced the arrays instead of filling them")
+        super().after()
+
+
 class Save(Bench):
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -125,6 +149,17 @@ def _commit(ctx: Context) -> Bench:
 )
 def _load(ctx: Context) -> Bench:
     return Load(ctx, cold=False)
+
+
+@case(
+    "snapshotd.store_restore",
+    "snapshotd Store.load into the run's arrays (verified, warm)",
+    group="snapshotd",
+    limit="limit.read_cached",
+    peers=READ_PEERS,
+)
+def _restore(ctx: Context) -> Bench:
+    return Restore(ctx)
 
 
 @case(
