@@ -69,7 +69,7 @@ from snapshotd.protocol import (
     TensorTable,
     check_arena,
 )
-from snapshotd.snapshot import arrays_of
+from snapshotd.snapshot import restore_into
 from snapshotd.store import Store
 from snapshotd.target import Target, adapt
 from snapshotd.tree import Skeleton, flatten, same_tree, unflatten
@@ -208,9 +208,9 @@ def _resume(
     if not any(v.problem is None for v in found.versions(name)) and wanted == "latest":
         log.info("%s: nothing to resume from in %s", name, found.root)
         return None
+    version = None if wanted == "latest" else int(wanted)
     # Into the arrays the run already has: no second copy of its state in memory.
-    loaded = found.read(name, None if wanted == "latest" else int(wanted), arrays_of(target))
-    target.set_state(loaded.tree())
+    loaded = restore_into(target, lambda arrays: found.read(name, version, arrays))
     meta = loaded.header.meta
     log.info("%s: resumed from version %d (step %s)", name, meta.version, meta.step)
     return Resumed(meta.version, meta.step)

@@ -262,12 +262,27 @@ class Layout:
             # Same names in the same order, then the same shapes and dtypes: list
             # comparisons instead of a Python loop over every tensor.
             return tuple(arrays) == self.source[0] and self.accepts(list(arrays.values()))
-        return len(arrays) == len(self.tensors) and all(
-            t.name in arrays
-            and arrays[t.name].shape == t.shape
-            and _little(arrays[t.name].dtype) == t.dtype
-            for t in self.tensors
-        )
+        return self.ordered(arrays) is not None
+
+    def ordered(
+        self, arrays: Mapping[str, np.ndarray[Any, Any]]
+    ) -> list[np.ndarray[Any, Any]] | None:
+        """``arrays`` in layout order when they have exactly these names, dtypes and
+        shapes, else None."""
+        if len(arrays) != len(self.tensors):
+            return None
+        try:
+            ordered = [arrays[name] for name in self.names]
+        except KeyError:
+            return None
+        shapes, dtypes = self._shapes_and_dtypes
+        if [a.shape for a in ordered] != shapes or [_little(a.dtype) for a in ordered] != dtypes:
+            return None
+        return ordered
+
+    @functools.cached_property
+    def _shapes_and_dtypes(self) -> tuple[list[tuple[int, ...]], list[np.dtype[Any]]]:
+        return [t.shape for t in self.tensors], [t.dtype for t in self.tensors]
 
     def accepts(self, leaves: Sequence[np.ndarray[Any, Any]]) -> bool:
         """True when ``leaves``, the arrays of a tree that names its tensors as the one

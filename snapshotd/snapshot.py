@@ -32,6 +32,7 @@ import mmap
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -69,6 +70,7 @@ __all__ = [
     "read",
     "read_header",
     "restore",
+    "restore_into",
     "save",
     "user_metadata",
     "write",
@@ -531,12 +533,20 @@ def _restorable(
     layout: Layout, into: Mapping[str, np.ndarray[Any, Any]] | None
 ) -> list[np.ndarray[Any, Any]] | None:
     """The arrays of ``into`` in layout order, when the data can be copied into them."""
-    if into is None or not layout.matches(into):
-        return None
-    targets = [into[name] for name in layout.names]
-    if not all(a.flags.writeable for a in targets) or overlapping(targets):
+    targets = None if into is None else layout.ordered(into)
+    if targets is None or not all(map(_fillable, targets)) or overlapping(targets):
         return None
     return targets
+
+
+def _fillable(array: np.ndarray[Any, Any]) -> bool:
+    """True when the stored bytes can be copied into ``array`` as they are."""
+    flags = array.flags
+    return flags.writeable and flags.c_contiguous and array.dtype.byteorder in _LITTLE_ORDERS
+
+
+#: Byte orders whose arrays take the file's little-endian bytes unchanged.
+_LITTLE_ORDERS = "<|=" if sys.byteorder == "little" else "<|"
 
 
 def _restore_verified(
@@ -571,8 +581,12 @@ def _check_then_copy(
     expected = [header.digests[name] for name in layout.names]
     if found != expected:
         _mismatch(layout, 0, found, expected, source)
-    for target, stored in zip(targets, layout.views(data).values(), strict=True):
-        np.copyto(target, stored)
+    view = data.data
+    for target, part in zip(targets, layout.slices, strict=True):
+        # Byte to byte, without a typed view of the source per tensor (20,000 tensors:
+        # 28 -> 11 ms). An empty one has nothing to copy and cannot be cast.
+        if target.nbytes:
+            target.data.cast("B")[:] = view[part]
 
 
 def _read_verified(fd: int, header: Header, source: str) -> np.ndarray[Any, Any]:
@@ -699,15 +713,25 @@ def load(path: str | os.PathLike[str], into: object = None) -> Any:
 
 
 def restore(reader: Callable[[Mapping[str, Any] | None], Loaded], into: object) -> Any:
-    """The tree ``reader`` reads (None: no arrays to fill), or ``into`` restored from it.
+    """The tree ``reader`` reads (None: no arrays to fill), or ``into`` restored from it
+    (see :func:`restore_into`)."""
+    if into is None:
+        return reader(None).tree()
+    restore_into(adapt(into), reader)
+    return into
 
-    ``into``'s arrays are filled in place when its current state has the snapshot's
+
+def restore_into(target: Target, reader: Callable[[Mapping[str, Any] | None], Loaded]) -> Loaded:
+    """Restore ``target`` from what ``reader`` reads; return that.
+
+    ``target``'s arrays are filled in place when its current state has the snapshot's
     arrays (names, shapes, dtypes): the restore needs no memory for a second copy, and
     other references to those arrays see the restored values, as a dict's always did.
     Then the tree goes to ``__setstate__`` (or into the dict) as usual.
     """
-    if into is None:
-        return reader(None).tree()
-    target = adapt(into)
-    target.set_state(reader(arrays_of(target)).tree())
-    return into
+    with collector.paused():
+        # Taking the state and rebuilding the tree make a container or two per array.
+        loaded = reader(arrays_of(target))
+        tree = loaded.tree()
+    target.set_state(tree)
+    return loaded

@@ -858,6 +858,36 @@ def test_a_layout_read_back_accepts_no_leaves() -> None:
     assert not read_back.accepts(list(arrays.values()))
 
 
+@pytest.mark.parametrize(
+    ("change", "fits"),
+    [
+        (lambda a: a, True),
+        (lambda a: dict(reversed(a.items())), True),  # another order: matched by name
+        (lambda a: {**a, "extra": np.zeros(1)}, False),
+        (lambda a: {k: v for k, v in a.items() if k != "f32"}, False),
+        (lambda a: {**a, "u8": np.zeros(6, np.uint8)}, False),  # another shape
+        (lambda a: {**a, "u8": np.zeros(5, np.int8)}, False),  # another dtype
+        (lambda a: {**a, "f64": a["f64"].astype(">f8")}, True),  # byte order: flatten's job
+    ],
+    ids=["same", "reordered", "extra-name", "missing-name", "shape", "dtype", "byte-order"],
+)
+def test_a_read_back_layout_orders_only_arrays_that_fit_it_exactly(
+    change: Callable[[dict[str, npt.NDArray[Any]]], dict[str, npt.NDArray[Any]]], fits: bool
+) -> None:
+    planned = fmt.Layout.plan(_mixed_arrays())
+    read_back = fmt.Layout(planned.tensors, planned.data_size)
+    arrays = change(_mixed_arrays())
+
+    ordered = read_back.ordered(arrays)
+
+    assert read_back.matches(arrays) is fits
+    if fits:
+        assert ordered is not None
+        assert [id(a) for a in ordered] == [id(arrays[n]) for n in read_back.names]
+    else:
+        assert ordered is None
+
+
 @settings(max_examples=500, deadline=None)
 @given(
     st.text()

@@ -13,6 +13,7 @@ import numpy.typing as npt
 import pytest
 
 import snapshotd
+from snapshotd import snapshot
 from snapshotd.errors import FallbackWarning, SnapshotCorrupt
 from snapshotd.format import header_length
 from snapshotd.store import Store
@@ -208,6 +209,38 @@ def test_read_only_arrays_are_replaced(tmp_path: Path) -> None:
     assert net.params["p2"] is not frozen
     assert net.params["p2"].tolist() == [4.0] * 3
     assert frozen.tolist() == [0.0] * 3
+
+
+@pytest.mark.parametrize(
+    "unfit",
+    [
+        lambda: np.zeros(4, ">f8"),
+        lambda: np.zeros(8)[::2],
+    ],
+    ids=["big-endian", "strided"],
+)
+def test_arrays_the_bytes_cannot_be_copied_into_are_not_filled(tmp_path: Path, unfit: Any) -> None:
+    """Given to ``read`` directly (``arrays_of`` never returns such arrays): a wrong
+    byte order or a gap between elements would scramble the stored bytes."""
+    path = tmp_path / "w.safetensors"
+    snapshotd.save(path, {"w": np.arange(4.0)})
+    array = unfit()
+
+    loaded = snapshot.read(path, {"w": array})
+
+    assert loaded.arrays["w"] is not array
+    assert loaded.arrays["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert array.tolist() == [0.0] * 4
+
+
+def test_a_big_endian_array_of_a_dict_gets_the_values(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    snapshotd.save(path, {"w": np.arange(4.0)})
+    target = {"w": np.zeros(4, ">f8")}
+
+    snapshotd.load(path, into=target)
+
+    assert target["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_another_shape_is_read_fresh(tmp_path: Path) -> None:
