@@ -18,8 +18,9 @@ retry is a new file. Crash points between the steps let tests kill the writer an
 
 Reading opens with ``O_NOFOLLOW``, checks that the file is regular, validates the header
 against the file size, and checks every tensor's digest before a single array is handed
-out or changed: it reads the data section into one fresh buffer, or restores into the
-arrays the object being restored already has.
+out or changed: it reads the data section into one fresh buffer, or (for a store's
+files, which never change once written) restores into the arrays the object being
+restored already has.
 
 This module also holds the store-less library functions :func:`save` and :func:`load`.
 """
@@ -56,7 +57,7 @@ from snapshotd.format import (
     header_length,
 )
 from snapshotd.recent import Recent
-from snapshotd.target import Target, adapt, overlapping, state_of
+from snapshotd.target import Target, adapt, fillable_state, overlapping, state_of
 from snapshotd.tree import Flat, flatten, unflatten
 
 __all__ = [
@@ -69,7 +70,6 @@ __all__ = [
     "load",
     "read",
     "read_header",
-    "restore",
     "restore_into",
     "save",
     "user_metadata",
@@ -434,7 +434,8 @@ def _unlink_quietly(path: Path) -> None:
 
 @dataclass(frozen=True)
 class Loaded:
-    """A verified snapshot: its header and its arrays (views of one private buffer)."""
+    """A verified snapshot: its header and its arrays (views of one private buffer, or
+    the arrays it was restored into)."""
 
     header: Header
     arrays: dict[str, np.ndarray[Any, Any]]
@@ -464,11 +465,16 @@ def read(
 
     ``into`` holds the arrays of the object being restored, by the names :func:`flatten`
     gives them (see :func:`arrays_of`). When they are exactly the snapshot's (names,
-    shapes, dtypes), writable and apart in memory, the data is restored into them:
-    verified first through a read-only mapping of the file, then copied, so they change
-    only once every digest matched and no second copy of the state is made. Otherwise
-    the data is read into one fresh buffer. ``check`` sees the header before any data is
-    read, and refuses a file by raising :class:`SnapshotCorrupt`.
+    shapes, dtypes), writable, contiguous, in numpy's own memory and apart, the data is
+    restored into them: verified first through a read-only mapping of the file, then
+    copied, so they change only once every digest matched and no second copy of the
+    state is made. Otherwise the data is read into one fresh buffer. ``check`` sees the
+    header before any data is read, and refuses a file by raising
+    :class:`SnapshotCorrupt`.
+
+    Restoring in place is for files that nobody changes once written, as a store's: a
+    file truncated while it is mapped kills the reader with SIGBUS, and one rewritten in
+    place between the check and the copy would hand over unchecked bytes.
 
     Raises:
         SnapshotCorrupt: any check failed; ``.reason`` says which. ``into`` is unchanged.
@@ -479,8 +485,7 @@ def read(
         if check is not None:
             check(header)
         targets = _restorable(header.layout, into)
-        if targets is not None:
-            _restore_verified(fd, size, header, targets, str(path))
+        if targets is not None and _restore_verified(fd, size, header, targets, str(path)):
             return Loaded(header, dict(zip(header.layout.names, targets, strict=True)))
         data = _read_verified(fd, header, str(path))
     return Loaded(header, header.layout.views(data))
@@ -488,9 +493,10 @@ def read(
 
 def arrays_of(target: Target) -> dict[str, np.ndarray[Any, Any]] | None:
     """The arrays of ``target``'s current state by name (for :func:`read`'s ``into``);
-    None when that state cannot be taken."""
+    None when that state cannot be taken or must not be filled (``fillable_state``)."""
     try:
-        return flatten(target.get_state()).arrays
+        state = fillable_state(target)
+        return None if state is None else flatten(state).arrays
     except Exception:
         # The current state is only a place to put the data. An object whose state
         # cannot be taken now (built with __new__, its attributes not set yet) is
@@ -540,9 +546,16 @@ def _restorable(
 
 
 def _fillable(array: np.ndarray[Any, Any]) -> bool:
-    """True when the stored bytes can be copied into ``array`` as they are."""
+    """True when the stored bytes can be copied into ``array`` as they are, and into
+    memory numpy allocated: not a view of a memory-mapped file (``np.memmap``), which
+    the copy would rewrite on disk, nor of a foreign buffer."""
     flags = array.flags
-    return flags.writeable and flags.c_contiguous and array.dtype.byteorder in _LITTLE_ORDERS
+    if not (flags.writeable and flags.c_contiguous and array.dtype.byteorder in _LITTLE_ORDERS):
+        return False
+    owner = array
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    return owner.base is None and type(owner) is np.ndarray
 
 
 #: Byte orders whose arrays take the file's little-endian bytes unchanged.
@@ -551,9 +564,9 @@ _LITTLE_ORDERS = "<|=" if sys.byteorder == "little" else "<|"
 
 def _restore_verified(
     fd: int, size: int, header: Header, targets: Sequence[np.ndarray[Any, Any]], source: str
-) -> None:
+) -> bool:
     """Check every digest of the file through a read-only mapping, then copy into
-    ``targets`` (the layout's arrays, in its order).
+    ``targets`` (the layout's arrays, in its order); False if the file cannot be mapped.
 
     Copying out of the page cache in user space is faster than ``preadv`` into memory
     that is already there: 1 GiB in 50 arrays, verified and copied, takes 0.12 s where
@@ -564,12 +577,16 @@ def _restore_verified(
     Raises:
         SnapshotCorrupt: a digest does not match; ``targets`` are untouched.
     """
-    mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    try:
+        mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except OSError:  # a file system that cannot map files: read it instead
+        return False
     mapped.madvise(mmap.MADV_WILLNEED)
     _check_then_copy(mapped, header, targets, source)
     # Only here: on a mismatch the traceback still holds views of the mapping, and the
     # mapping goes when they do.
     mapped.close()
+    return True
 
 
 def _check_then_copy(
@@ -703,31 +720,32 @@ def load(path: str | os.PathLike[str], into: object = None) -> Any:
     """Read and verify one snapshot file.
 
     Without ``into``, return the state tree. With ``into``, restore it into that object
-    and return ``into``: see :func:`restore`.
+    (``__setstate__``, or in place for a dict) and return ``into``. A file named by path
+    may be changed by other programs at any time, so it is read into fresh memory and
+    verified there (a store's files are restored in place: :func:`restore_into`).
 
     Raises:
         SnapshotCorrupt: the file fails verification; nothing is restored.
         RestoreMismatch: the stored names do not fit the dict ``into``.
     """
-    return restore(lambda arrays: read(Path(path), arrays), into)
-
-
-def restore(reader: Callable[[Mapping[str, Any] | None], Loaded], into: object) -> Any:
-    """The tree ``reader`` reads (None: no arrays to fill), or ``into`` restored from it
-    (see :func:`restore_into`)."""
+    tree = read(Path(path)).tree()
     if into is None:
-        return reader(None).tree()
-    restore_into(adapt(into), reader)
+        return tree
+    adapt(into).set_state(tree)
     return into
 
 
 def restore_into(target: Target, reader: Callable[[Mapping[str, Any] | None], Loaded]) -> Loaded:
-    """Restore ``target`` from what ``reader`` reads; return that.
+    """Restore ``target`` from what ``reader`` reads (given the arrays to fill, or None);
+    return that.
 
     ``target``'s arrays are filled in place when its current state has the snapshot's
-    arrays (names, shapes, dtypes): the restore needs no memory for a second copy, and
-    other references to those arrays see the restored values, as a dict's always did.
-    Then the tree goes to ``__setstate__`` (or into the dict) as usual.
+    arrays (names, shapes, dtypes), each writable, contiguous, in numpy's own memory and
+    sharing none with another (see :func:`read`): the restore needs no memory for a
+    second copy, and other references to those arrays see the restored values. Then the
+    tree goes to ``__setstate__`` (or ``set=``) as usual. A dict target fills its own
+    arrays after checking the names; if ``__setstate__`` raises, the arrays it was
+    about to receive already hold the restored values.
     """
     with collector.paused():
         # Taking the state and rebuilding the tree make a container or two per array.

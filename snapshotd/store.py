@@ -52,7 +52,7 @@ from snapshotd.errors import (
 )
 from snapshotd.format import Header, Template
 from snapshotd.names import check_name
-from snapshotd.target import state_of
+from snapshotd.target import adapt, state_of
 from snapshotd.tree import Flat, flatten
 
 __all__ = ["Check", "Store", "Version"]
@@ -261,7 +261,10 @@ class Store:
             NoGoodSnapshot: versions exist but none verifies (all were quarantined).
             SnapshotCorrupt: the explicitly requested ``version`` is bad (quarantined).
         """
-        return snapshot.restore(lambda arrays: self.read(name, version, arrays), into)
+        if into is None:
+            return self.read(name, version).tree()
+        snapshot.restore_into(adapt(into), lambda arrays: self.read(name, version, arrays))
+        return into
 
     def read(
         self,

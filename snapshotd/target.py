@@ -6,9 +6,9 @@ Three kinds of target, all seen through the :class:`Target` protocol:
   takes it back. As in pickle, an object without ``__setstate__`` has a dict state
   merged into its ``__dict__``, so plain classes work too;
 - a ``dict`` of named values: arrays are restored in place where shape and dtype match
-  and no other entry shares their memory (other references to them see the new
-  values), replaced otherwise; an optional
-  ``rename`` maps stored names to current ones (the tutorial's ``W`` -> ``weights``);
+  and no other entry shares their memory (other references to them see the new values),
+  replaced otherwise; an optional ``rename`` maps stored names to current ones (the
+  tutorial's ``W`` -> ``weights``);
 - explicit ``get``/``set`` callables.
 
 Restoring a dict checks every name first and raises :class:`RestoreMismatch` listing all
@@ -31,6 +31,7 @@ __all__ = [
     "ObjectTarget",
     "Target",
     "adapt",
+    "fillable_state",
     "overlapping",
     "state_of",
 ]
@@ -100,20 +101,36 @@ def overlapping(arrays: Sequence[np.ndarray[Any, Any]]) -> set[int]:
     """The positions in ``arrays`` of those that share memory with another one there.
 
     Filling those in place would let one overwrite another: tied weights are one array
-    under two names, and the stored state may hold them untied. Judged by the span of
-    bytes each one covers, so interleaved strided views count as sharing.
+    under two names, and the stored state may hold them untied. Arrays whose spans of
+    bytes meet are compared exactly (the columns of one matrix share none); past
+    :data:`_MANY_MEETING` arrays meeting at once, all of them count as sharing.
     """
     if all(a.base is None for a in arrays) and len({id(a) for a in arrays}) == len(arrays):
         return set()  # each owns its memory and none is there twice
     spans = sorted((*_span(a), i) for i, a in enumerate(arrays) if a.nbytes)
-    shared = set()
-    reach = -1  # the furthest end of the spans before this one
-    for n, (low, high, i) in enumerate(spans):
-        after = spans[n + 1][0] if n + 1 < len(spans) else high
-        if low < reach or after < high:
+    shared: set[int] = set()
+    open_spans: list[tuple[int, int]] = []  # (end, position) of the spans still open
+    for low, high, i in spans:
+        open_spans = [(end, j) for end, j in open_spans if end > low]
+        if len(open_spans) >= _MANY_MEETING:
+            shared.update(j for _, j in open_spans)
             shared.add(i)
-        reach = max(reach, high)
+        for _, j in open_spans:
+            if (j not in shared or i not in shared) and _share(arrays[i], arrays[j]):
+                shared.update((i, j))
+        open_spans.append((high, i))
     return shared
+
+
+#: Beyond this many arrays whose spans meet, they are not compared pair by pair.
+_MANY_MEETING = 32
+
+
+def _share(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
+    try:
+        return bool(np.shares_memory(a, b))
+    except RuntimeError:  # numpy's TooHardError: too costly to tell, so assume they do
+        return True
 
 
 def _span(array: np.ndarray[Any, Any]) -> tuple[int, int]:
@@ -126,9 +143,6 @@ def _span(array: np.ndarray[Any, Any]) -> tuple[int, int]:
 
 
 def _in_place(current: Any, value: Any) -> Any:
-    if value is current:
-        # Restored into this very array already (``snapshot.read`` with ``into``).
-        return current
     fits = (
         isinstance(current, np.ndarray)
         and isinstance(value, np.ndarray)
@@ -156,6 +170,20 @@ class CallableTarget:
         if self.set is None:
             raise UsageError("this target has no set= callable, so it cannot be restored")
         self.set(state)
+
+
+def fillable_state(target: Target) -> Any:
+    """The current state of ``target`` whose arrays a restore may fill in place, or None.
+
+    None for a dict, which fills its own arrays only after checking every name (and
+    ``rename``) against the stored ones, and for callables without ``set=``, which
+    cannot be restored at all: filling first would change them before the refusal.
+    """
+    if isinstance(target, DictTarget):
+        return None
+    if isinstance(target, CallableTarget) and target.set is None:
+        return None
+    return target.get_state()
 
 
 def state_of(obj: object) -> Any:

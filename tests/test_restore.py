@@ -1,10 +1,11 @@
-"""Restoring into the arrays an object already has (``load(into=...)``, ``Store.load``,
-resume): verified before a byte changes, no second copy of the state, and a fresh read
-whenever filling in place would be wrong."""
+"""Restoring a store's snapshot into the arrays an object already has (``Store.load(into=)``
+and resume): verified before a byte changes, no second copy of the state, and a fresh
+read whenever filling in place would be wrong or would change more than the object."""
 
 from __future__ import annotations
 
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ import pytest
 
 import snapshotd
 from snapshotd import snapshot
-from snapshotd.errors import FallbackWarning, SnapshotCorrupt
-from snapshotd.format import header_length
+from snapshotd.errors import FallbackWarning, RestoreMismatch, SnapshotCorrupt, UsageError
 from snapshotd.store import Store
+from tests.experiment import runtime_dir
 
 Array = npt.NDArray[Any]
 
@@ -36,17 +37,40 @@ class Net:
         self.step = state["step"]
 
 
-def saved(tmp_path: Path, fill: float, step: int = 7) -> Path:
-    path = tmp_path / f"net-{fill}.safetensors"
-    net = Net(fill)
-    net.step = step
-    snapshotd.save(path, net)
-    return path
+class Holder:
+    """Hands its ``state`` out and takes one back as it is: any tree, any arrays."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def __getstate__(self) -> Any:
+        return self.state
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
 
 
-def data_start(path: Path) -> int:
-    raw = path.read_bytes()
-    return 8 + header_length(raw[:8], len(raw), str(path))
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def runtime() -> Iterator[Path]:
+    with runtime_dir() as path:
+        yield path
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SNAPSHOTD_RESUME", "SNAPSHOTD_STORE", "SNAPSHOTD_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def committed(store: Store, state: Any, step: int = 7) -> Path:
+    """Commit ``state`` as a new version of run ``net``; its file."""
+    version = store.commit("net", state, step=step)
+    return store.root / "net" / f"v{version:06d}.safetensors"
 
 
 def damage_last_array(path: Path) -> None:
@@ -63,51 +87,54 @@ def mappings_of(path: Path) -> list[str]:
 # -- in place --------------------------------------------------------------------------
 
 
-def test_an_object_is_restored_into_its_own_arrays(tmp_path: Path) -> None:
-    path = saved(tmp_path, 2.0, step=7)
+def test_an_object_is_restored_into_its_own_arrays(store: Store) -> None:
+    saved = Net(2.0)
+    saved.step = 7
+    path = committed(store, saved)
     net = Net(0.0)
     before = dict(net.params)
 
-    snapshotd.load(path, into=net)
+    assert store.load("net", into=net) is net
 
     assert net.step == 7
     for name, array in net.params.items():
         assert array is before[name], f"{name} was replaced, not filled"
         assert array.tolist() == [2.0] * array.size
+    assert mappings_of(path) == []
 
 
-def test_a_store_restores_in_place_and_leaves_no_mapping(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store")
-    store.commit("net", Net(5.0))
-    net = Net(0.0)
-    kept = net.params["p1"]
-
-    assert store.load("net", into=net) is net
-
-    assert net.params["p1"] is kept
-    assert kept.tolist() == [5.0] * 4
-    assert mappings_of(store.root / "net" / "v000001.safetensors") == []
-
-
-def test_in_place_restore_allocates_no_second_copy(tmp_path: Path) -> None:
+def test_in_place_restore_allocates_no_second_copy(store: Store) -> None:
     """16 MiB restored in place allocates far less than the state; read fresh it would
     allocate all of it (the check fails if restoring in place is lost)."""
-    path = tmp_path / "big.safetensors"
-    snapshotd.save(path, {"w": np.ones(4 << 20, np.float32)})
-    target = {"w": np.zeros(4 << 20, np.float32)}
+    committed(store, {"w": np.ones(4 << 20, np.float32)})
+    model = Holder({"w": np.zeros(4 << 20, np.float32)})
     tracemalloc.start()
     try:
-        snapshotd.load(path, into=target)
+        store.load("net", into=model)
         _, peak = tracemalloc.get_traced_memory()
-        fresh = snapshotd.load(path)
+        fresh = store.load("net")
         _, fresh_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
 
-    assert target["w"].min() == 1.0
+    assert model.state["w"].min() == 1.0
     assert fresh_peak >= 16 << 20, "the fresh read's buffer should be traced"
     assert peak < 1 << 20
     del fresh
+
+
+def test_a_file_given_by_path_is_read_fresh(tmp_path: Path) -> None:
+    """Anyone may rewrite a file named by path while it is read: it is never mapped."""
+    path = tmp_path / "net.safetensors"
+    snapshotd.save(path, Net(2.0))
+    net = Net(0.0)
+    before = net.params["p0"]
+
+    snapshotd.load(path, into=net)
+
+    assert net.params["p0"] is not before
+    assert net.params["p0"].tolist() == [2.0] * 6
+    assert before.tolist() == [0.0] * 6
 
 
 @pytest.mark.parametrize(
@@ -115,27 +142,34 @@ def test_in_place_restore_allocates_no_second_copy(tmp_path: Path) -> None:
     [damage_last_array, lambda path: path.write_bytes(path.read_bytes()[:-1])],
     ids=["digest", "truncated"],
 )
-def test_a_snapshot_that_fails_verification_changes_nothing(tmp_path: Path, damage: Any) -> None:
-    path = saved(tmp_path, 3.0)
-    damage(path)
+def test_a_snapshot_that_fails_verification_changes_nothing(store: Store, damage: Any) -> None:
+    damage(committed(store, Net(3.0)))
     net = Net(1.0)
     before = {name: array.copy() for name, array in net.params.items()}
 
     with pytest.raises(SnapshotCorrupt):
-        snapshotd.load(path, into=net)
+        store.load("net", 1, into=net)
 
     assert net.step == 0
     for name, array in net.params.items():
         np.testing.assert_array_equal(array, before[name])
 
 
+def test_a_failed_restore_releases_the_mapping_with_the_error(store: Store) -> None:
+    path = committed(store, Net(3.0))
+    damage_last_array(path)
+
+    with pytest.raises(SnapshotCorrupt):
+        store.load("net", 1, into=Net(0.0))
+
+    assert mappings_of(path) == []
+
+
 def test_the_store_falls_back_without_touching_the_arrays_with_the_bad_version(
-    tmp_path: Path,
+    store: Store,
 ) -> None:
-    store = Store(tmp_path / "store")
-    store.commit("net", Net(1.0))
-    store.commit("net", Net(2.0))
-    damage_last_array(store.root / "net" / "v000002.safetensors")
+    committed(store, Net(1.0))
+    damage_last_array(committed(store, Net(2.0)))
     net = Net(0.0)
     kept = net.params["p0"]
 
@@ -146,12 +180,10 @@ def test_the_store_falls_back_without_touching_the_arrays_with_the_bad_version(
     assert all(a.tolist() == [1.0] * a.size for a in net.params.values())
 
 
-def test_a_file_under_another_versions_name_changes_nothing(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store")
-    store.commit("net", Net(1.0))
-    store.commit("net", Net(2.0))
-    run = store.root / "net"
-    (run / "v000001.safetensors").write_bytes((run / "v000002.safetensors").read_bytes())
+def test_a_file_under_another_versions_name_changes_nothing(store: Store) -> None:
+    committed(store, Net(1.0))
+    newer = committed(store, Net(2.0))
+    (store.root / "net" / "v000001.safetensors").write_bytes(newer.read_bytes())
     net = Net(0.0)
 
     with pytest.raises(SnapshotCorrupt, match="version 2"):
@@ -163,52 +195,101 @@ def test_a_file_under_another_versions_name_changes_nothing(tmp_path: Path) -> N
 # -- read fresh where filling in place would be wrong ----------------------------------
 
 
-def test_one_array_under_two_names_is_not_filled_twice(tmp_path: Path) -> None:
+def test_one_array_under_two_names_is_not_filled_twice(store: Store) -> None:
     """Tied weights now, untied in the snapshot: both names get their own values."""
-    path = tmp_path / "untied.safetensors"
-    snapshotd.save(path, {"a": np.full(3, 1.0), "b": np.full(3, 2.0)})
+    committed(store, {"a": np.full(3, 1.0), "b": np.full(3, 2.0)})
     tied = np.zeros(3)
-    target = {"a": tied, "b": tied}
+    model = Holder({"a": tied, "b": tied})
 
-    snapshotd.load(path, into=target)
+    store.load("net", into=model)
 
-    assert target["a"].tolist() == [1.0] * 3
-    assert target["b"].tolist() == [2.0] * 3
+    assert model.state["a"].tolist() == [1.0] * 3
+    assert model.state["b"].tolist() == [2.0] * 3
 
 
 @pytest.mark.parametrize(
-    ("a_end", "b_start", "in_place"),
-    [(5, 5, True), (10, 5, False)],
-    ids=["adjacent-views-stay-views", "overlapping-views-are-replaced"],
+    ("cut", "in_place"),
+    [
+        (lambda flat: {"a": flat[:5], "b": flat[5:]}, True),
+        (lambda flat: {"a": flat[::2], "b": flat[1::2]}, True),
+        (lambda flat: {"a": flat[:5], "b": flat[4:9]}, False),
+    ],
+    ids=["adjacent-views-stay-views", "interleaved-views-stay-views", "overlapping-replaced"],
 )
-def test_views_of_one_buffer(tmp_path: Path, a_end: int, b_start: int, in_place: bool) -> None:
+@pytest.mark.parametrize("holder", [False, True], ids=["dict", "object"])
+def test_views_of_one_buffer(store: Store, cut: Any, in_place: bool, holder: bool) -> None:
     """Parameters as views of one flat buffer (as optimisers keep them) are filled in
-    place, unless they overlap: then one would overwrite the other."""
-    path = tmp_path / "views.safetensors"
-    stored_a, stored_b = np.arange(float(a_end)), np.arange(100.0, 115.0 - b_start)
-    snapshotd.save(path, {"a": stored_a, "b": stored_b})
-    flat = np.zeros(15)
-    target = {"a": flat[:a_end], "b": flat[b_start:]}
+    place, unless they overlap: then one would overwrite the other. An object's strided
+    views are flattened as copies, so only a dict keeps those."""
+    flat = np.zeros(10)
+    target = cut(flat)
+    stored = {
+        name: np.arange(view.size) + 10.0 * k for k, (name, view) in enumerate(target.items())
+    }
+    committed(store, stored)
+    model = Holder(target)
 
-    snapshotd.load(path, into=target)
+    store.load("net", into=model if holder else target)
 
-    assert target["a"].tolist() == stored_a.tolist()
-    assert target["b"].tolist() == stored_b.tolist()
-    assert np.shares_memory(target["a"], flat) is in_place
-    assert np.shares_memory(target["b"], flat) is in_place
+    contiguous = all(view.flags.c_contiguous for view in cut(flat).values())
+    for name, values in stored.items():
+        restored = model.state[name] if holder else target[name]
+        assert restored.tolist() == values.tolist()
+        expected = in_place and (contiguous or not holder)
+        assert np.shares_memory(restored, flat) is expected
 
 
-def test_read_only_arrays_are_replaced(tmp_path: Path) -> None:
-    path = saved(tmp_path, 4.0)
+def test_read_only_arrays_are_replaced(store: Store) -> None:
+    committed(store, Net(4.0))
     net = Net(0.0)
     frozen = net.params["p2"]
     frozen.flags.writeable = False
 
-    snapshotd.load(path, into=net)
+    store.load("net", into=net)
 
     assert net.params["p2"] is not frozen
     assert net.params["p2"].tolist() == [4.0] * 3
     assert frozen.tolist() == [0.0] * 3
+
+
+def test_a_memory_mapped_array_is_not_written_through_to_its_file(
+    store: Store, tmp_path: Path
+) -> None:
+    committed(store, {"w": np.full(4, 9.0)})
+    on_disk = np.memmap(tmp_path / "weights.bin", np.float64, "w+", shape=(4,))
+    on_disk[:] = 1.0
+    on_disk.flush()
+    model = Holder({"w": on_disk})
+
+    store.load("net", into=model)
+
+    assert model.state["w"].tolist() == [9.0] * 4
+    assert np.fromfile(tmp_path / "weights.bin").tolist() == [1.0] * 4
+
+
+def test_another_shape_is_read_fresh(store: Store) -> None:
+    committed(store, Net(4.0))
+    net = Net(0.0, sizes=(6, 5, 3))
+    old = net.params["p0"]
+
+    store.load("net", into=net)
+
+    assert net.params["p1"].shape == (4,)
+    assert net.params["p0"] is not old
+    assert old.tolist() == [0.0] * 6
+
+
+def test_an_object_without_state_yet_is_restored(store: Store) -> None:
+    """Built with __new__: its __getstate__ fails, so there is nothing to fill."""
+    saved = Net(6.0)
+    saved.step = 3
+    committed(store, saved)
+    net = Net.__new__(Net)
+
+    store.load("net", into=net)
+
+    assert net.step == 3
+    assert net.params["p0"].tolist() == [6.0] * 6
 
 
 @pytest.mark.parametrize(
@@ -216,14 +297,15 @@ def test_read_only_arrays_are_replaced(tmp_path: Path) -> None:
     [
         lambda: np.zeros(4, ">f8"),
         lambda: np.zeros(8)[::2],
+        lambda: np.frombuffer(bytearray(32)),
     ],
-    ids=["big-endian", "strided"],
+    ids=["big-endian", "strided", "foreign-buffer"],
 )
-def test_arrays_the_bytes_cannot_be_copied_into_are_not_filled(tmp_path: Path, unfit: Any) -> None:
-    """Given to ``read`` directly (``arrays_of`` never returns such arrays): a wrong
-    byte order or a gap between elements would scramble the stored bytes."""
-    path = tmp_path / "w.safetensors"
-    snapshotd.save(path, {"w": np.arange(4.0)})
+def test_arrays_the_bytes_cannot_be_copied_into_are_not_filled(store: Store, unfit: Any) -> None:
+    """Given to ``read`` directly (``arrays_of`` never returns the first two): a wrong
+    byte order or a gap between elements would scramble the stored bytes, and memory
+    numpy does not own may belong to something else."""
+    path = committed(store, {"w": np.arange(4.0)})
     array = unfit()
 
     loaded = snapshot.read(path, {"w": array})
@@ -233,55 +315,56 @@ def test_arrays_the_bytes_cannot_be_copied_into_are_not_filled(tmp_path: Path, u
     assert array.tolist() == [0.0] * 4
 
 
-def test_a_big_endian_array_of_a_dict_gets_the_values(tmp_path: Path) -> None:
-    path = tmp_path / "w.safetensors"
-    snapshotd.save(path, {"w": np.arange(4.0)})
-    target = {"w": np.zeros(4, ">f8")}
-
-    snapshotd.load(path, into=target)
-
-    assert target["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+# -- targets that check the tree are never filled before their checks -----------------
 
 
-def test_another_shape_is_read_fresh(tmp_path: Path) -> None:
-    path = saved(tmp_path, 4.0)
-    net = Net(0.0, sizes=(6, 5, 3))
-    old = net.params["p0"]
+def test_a_dict_that_does_not_fit_is_left_as_it_was(store: Store) -> None:
+    """``{"1": ...}`` stored, ``{1: ...}`` now: both are named "1", yet the dict refuses."""
+    committed(store, {"1": np.full(3, 9.0)})
+    target = {1: np.zeros(3)}
 
-    snapshotd.load(path, into=net)
+    with pytest.raises(RestoreMismatch):
+        store.load("net", into=target)
 
-    assert net.params["p1"].shape == (4,)
-    assert net.params["p0"] is not old
-    assert old.tolist() == [0.0] * 6
-
-
-def test_a_transposed_view_gets_the_stored_values(tmp_path: Path) -> None:
-    """A non-contiguous array is flattened as a copy: the object gets that copy."""
-    path = tmp_path / "t.safetensors"
-    snapshotd.save(path, {"w": np.arange(6.0).reshape(2, 3).T.copy()})
-    target = {"w": np.zeros((2, 3)).T}
-
-    snapshotd.load(path, into=target)
-
-    assert target["w"].tolist() == np.arange(6.0).reshape(2, 3).T.tolist()
+    assert target[1].tolist() == [0.0] * 3
 
 
-def test_an_object_without_state_yet_is_restored(tmp_path: Path) -> None:
-    """Built with __new__: its __getstate__ fails, so there is nothing to fill."""
-    path = saved(tmp_path, 6.0, step=3)
-    net = Net.__new__(Net)
+def test_a_resume_with_a_rename_that_swaps_two_names(store: Store, runtime: Path) -> None:
+    committed(store, {"enc": np.full(3, 1.0), "dec": np.full(3, 2.0)})
+    target = {"enc": np.zeros(3), "dec": np.zeros(3)}
 
-    snapshotd.load(path, into=net)
+    with snapshotd.register(
+        "net",
+        target,
+        rename={"enc": "dec", "dec": "enc"},
+        resume=True,
+        store=store.root,
+        runtime_dir=runtime,
+    ):
+        pass
 
-    assert net.step == 3
-    assert net.params["p0"].tolist() == [6.0] * 6
+    assert target["enc"].tolist() == [2.0] * 3
+    assert target["dec"].tolist() == [1.0] * 3
 
 
-def test_a_failed_restore_releases_the_mapping_with_the_error(tmp_path: Path) -> None:
-    path = saved(tmp_path, 3.0)
-    damage_last_array(path)
+def test_a_dict_is_filled_in_place_by_its_own_checks(store: Store) -> None:
+    committed(store, {"w": np.full(3, 5.0)})
+    target = {"w": np.zeros(3)}
+    alias = target["w"]
 
-    with pytest.raises(SnapshotCorrupt):
-        snapshotd.load(path, into=Net(0.0))
+    store.load("net", into=target)
 
-    assert mappings_of(path) == []
+    assert target["w"] is alias
+    assert alias.tolist() == [5.0] * 3
+
+
+def test_get_without_set_is_refused_before_anything_changes(store: Store, runtime: Path) -> None:
+    committed(store, {"w": np.full(3, 5.0)})
+    state = {"w": np.zeros(3)}
+
+    with pytest.raises(UsageError, match="no set="):
+        snapshotd.register(
+            "net", get=lambda: state, resume=True, store=store.root, runtime_dir=runtime
+        )
+
+    assert state["w"].tolist() == [0.0] * 3

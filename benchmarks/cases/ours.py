@@ -71,23 +71,37 @@ class Load(Bench):
         return self.cache.notes()
 
 
+class Model:
+    """A run's model as a resume sees it: its arrays behind the pickle hooks."""
+
+    def __init__(self, arrays: dict[str, Any]) -> None:
+        self.arrays = arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.arrays
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.arrays = state
+
+
 class Restore(Load):
-    """Into a prefaulted copy of the state's arrays, as a resumed run already has them."""
+    """Into a prefaulted copy of the state's arrays, held by a model as a resumed run's."""
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx, cold=False)
-        self.into: dict[str, Any] = {}
+        self.model = Model({})
+        self.kept: dict[str, Any] = {}
 
     def setup(self) -> None:
-        self.into = {name: array.copy() for name, array in self.ctx.state.arrays.items()}
-        self.kept = dict(self.into)
+        self.model = Model({name: array.copy() for name, array in self.ctx.state.arrays.items()})
+        self.kept = dict(self.model.arrays)
         super().setup()
 
     def run(self) -> None:
-        self.result = self.store.load(RUN, into=self.into)
+        self.result = self.store.load(RUN, into=self.model).arrays
 
     def after(self) -> None:
-        if any(self.into[name] is not array for name, array in self.kept.items()):
+        if any(self.model.arrays[name] is not array for name, array in self.kept.items()):
             raise RuntimeError("Store.load(into=...) replaced the arrays instead of filling them")
         super().after()
 
