@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +78,14 @@ from tests.experiment import (
     memfd,
     mismatch,
     open_fds,
-    runtime_dir,
     tree_for,
     unpack,
 )
 
 IO_TIMEOUT = 0.5
 DTYPES = ("float64", "int32")
+
+pytestmark = pytest.mark.usefixtures("no_ambient_configuration")
 
 
 class Model:
@@ -109,19 +110,6 @@ class _BadModel:
 
     def __setstate__(self, state: Any) -> None:
         raise AssertionError("never restored")
-
-
-@pytest.fixture
-def runtime() -> Iterator[Path]:
-    with runtime_dir() as path:
-        yield path
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The user's own variables must not steer these tests."""
-    for name in ("SNAPSHOTD_RESUME", "SNAPSHOTD_STORE", "SNAPSHOTD_RUNTIME_DIR"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def socket_path(runtime: Path, name: str) -> Path:

@@ -5,7 +5,6 @@ read whenever filling in place would be wrong or would change more than the obje
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,10 @@ import snapshotd
 from snapshotd import snapshot
 from snapshotd.errors import FallbackWarning, RestoreMismatch, SnapshotCorrupt, UsageError
 from snapshotd.store import Store
-from tests.experiment import runtime_dir
 
 Array = npt.NDArray[Any]
+
+pytestmark = pytest.mark.usefixtures("no_ambient_configuration")
 
 
 class Net:
@@ -53,18 +53,6 @@ class Holder:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "store")
-
-
-@pytest.fixture
-def runtime() -> Iterator[Path]:
-    with runtime_dir() as path:
-        yield path
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("SNAPSHOTD_RESUME", "SNAPSHOTD_STORE", "SNAPSHOTD_RUNTIME_DIR"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def committed(store: Store, state: Any, step: int = 7) -> Path:

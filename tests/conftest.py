@@ -1,0 +1,24 @@
+"""Fixtures shared by the in-process client tests: a runtime directory, and an
+environment without the user's own ``SNAPSHOTD_*`` settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.experiment import runtime_dir
+
+
+@pytest.fixture
+def runtime() -> Iterator[Path]:
+    with runtime_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def no_ambient_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's own variables must not steer a test."""
+    for name in ("SNAPSHOTD_RESUME", "SNAPSHOTD_STORE", "SNAPSHOTD_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
