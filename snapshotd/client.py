@@ -124,7 +124,9 @@ def register(
         rename: for dict targets, stored name -> current name when resuming.
         resume: ``True`` for the newest good snapshot, or a version number; the
             environment variable ``SNAPSHOTD_RESUME`` (``latest`` or a number) does the
-            same. The state is loaded into the target before this returns.
+            same. The state is loaded into the target before this returns: into the
+            target's own arrays where they fit (``snapshot.restore_into``), verified
+            before any of them changes.
         runtime_dir: where experiments and the daemon meet (see ``rendezvous``).
         store: the store to resume from when no daemon is running (else
             ``SNAPSHOTD_STORE``).
