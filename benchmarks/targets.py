@@ -7,8 +7,8 @@ state: ``ratio = reference time / case time`` per round, and its median decides
 A condition with ``decides=False`` is shown beside the target's own without entering its
 verdict. The persist targets name a plain write+fsync, and the same bytes written with
 ``posix_fallocate`` first (as a commit does) are the stricter limit; on this ext4 the
-plain one is sometimes several times slower. The restore target (P3) is what resume
-does, filling the run's arrays like the read limit fills its prefaulted buffer; a load
+plain one is sometimes several times slower. The restore target (P3) is a resume in
+place, filling the run's arrays like the read limit fills its prefaulted buffer; a load
 into new arrays, which must first get that memory, is shown beside it.
 """
 
@@ -114,7 +114,7 @@ TARGETS: tuple[Target, ...] = (
     *(
         Target(
             f"P3/{key}",
-            f"state {key}: verified restore into the run's arrays (as resume does) >= 0.8x "
+            f"state {key}: verified restore into the run's arrays (resume in place) >= 0.8x "
             "cached read",
             key,
             (

@@ -110,6 +110,7 @@ def register(
     set: Callable[[Any], None] | None = None,
     rename: Mapping[Any, Any] | None = None,
     resume: bool | int = False,
+    in_place: bool = False,
     runtime_dir: str | os.PathLike[str] | None = None,
     store: str | os.PathLike[str] | None = None,
     consistency: str = "auto",
@@ -124,9 +125,11 @@ def register(
         rename: for dict targets, stored name -> current name when resuming.
         resume: ``True`` for the newest good snapshot, or a version number; the
             environment variable ``SNAPSHOTD_RESUME`` (``latest`` or a number) does the
-            same. The state is loaded into the target before this returns: into the
-            target's own arrays where they fit (``snapshot.restore_into``), verified
-            before any of them changes.
+            same. The state is loaded into the target before this returns.
+        in_place: resume into the arrays the target's state holds now, where they fit:
+            no second copy of the state in memory (``snapshot.restore_into``). For
+            targets whose ``__getstate__`` returns their own arrays and whose
+            ``__setstate__`` keeps them; verified before any array changes.
         runtime_dir: where experiments and the daemon meet (see ``rendezvous``).
         store: the store to resume from when no daemon is running (else
             ``SNAPSHOTD_STORE``).
@@ -148,7 +151,7 @@ def register(
     runtime = rendezvous.runtime_dir(runtime_dir, os.environ)
     claim = _claim_name(runtime, name)
     try:
-        resumed = _resume(name, adapted, resume, runtime, store)
+        resumed = _resume(name, adapted, resume, in_place, runtime, store)
         listener = rendezvous.bind_private(rendezvous.experiment_socket(runtime, name))
     except BaseException:
         os.close(claim)
@@ -201,7 +204,7 @@ def _reclaim_stale_socket(path: Path, name: str, claim: int) -> None:
 
 
 def _resume(
-    name: str, target: Target, resume: bool | int, runtime: Path, store: Any
+    name: str, target: Target, resume: bool | int, in_place: bool, runtime: Path, store: Any
 ) -> Resumed | None:
     wanted = _resume_wish(resume, os.environ.get("SNAPSHOTD_RESUME", ""))
     if wanted is None:
@@ -211,8 +214,7 @@ def _resume(
         log.info("%s: nothing to resume from in %s", name, found.root)
         return None
     version = None if wanted == "latest" else int(wanted)
-    # Into the arrays the run already has: no second copy of its state in memory.
-    loaded = restore_into(target, lambda arrays: found.read(name, version, arrays))
+    loaded = restore_into(target, lambda arrays: found.read(name, version, arrays), in_place)
     meta = loaded.header.meta
     log.info("%s: resumed from version %d (step %s)", name, meta.version, meta.step)
     return Resumed(meta.version, meta.step)

@@ -722,7 +722,7 @@ def load(path: str | os.PathLike[str], into: object = None) -> Any:
     Without ``into``, return the state tree. With ``into``, restore it into that object
     (``__setstate__``, or in place for a dict) and return ``into``. A file named by path
     may be changed by other programs at any time, so it is read into fresh memory and
-    verified there (a store's files are restored in place: :func:`restore_into`).
+    verified there (a store's files can be restored in place: :func:`restore_into`).
 
     Raises:
         SnapshotCorrupt: the file fails verification; nothing is restored.
@@ -735,21 +735,28 @@ def load(path: str | os.PathLike[str], into: object = None) -> Any:
     return into
 
 
-def restore_into(target: Target, reader: Callable[[Mapping[str, Any] | None], Loaded]) -> Loaded:
+def restore_into(
+    target: Target,
+    reader: Callable[[Mapping[str, Any] | None], Loaded],
+    in_place: bool = False,
+) -> Loaded:
     """Restore ``target`` from what ``reader`` reads (given the arrays to fill, or None);
     return that.
 
-    ``target``'s arrays are filled in place when its current state has the snapshot's
-    arrays (names, shapes, dtypes), each writable, contiguous, in numpy's own memory and
-    sharing none with another (see :func:`read`): the restore needs no memory for a
-    second copy, and other references to those arrays see the restored values. Then the
-    tree goes to ``__setstate__`` (or ``set=``) as usual. A dict target fills its own
-    arrays after checking the names; if ``__setstate__`` raises, the arrays it was
-    about to receive already hold the restored values.
+    With ``in_place``, ``target``'s arrays are filled where its current state has the
+    snapshot's arrays (names, shapes, dtypes), each writable, contiguous, in numpy's own
+    memory and sharing none with another (see :func:`read`): the restore needs no memory
+    for a second copy, and other references to those arrays see the restored values.
+    That is for targets whose ``__getstate__`` returns their own arrays and whose
+    ``__setstate__`` keeps them: an array it hands out but does not own (a class-level
+    default, another model's) would be overwritten, and if ``__setstate__`` then raises,
+    the arrays already hold the restored (verified) values. A dict target and callables
+    without ``set=`` are never filled before their own checks. Then the tree goes to
+    ``__setstate__`` (or ``set=``, or into the dict) as usual.
     """
     with collector.paused():
         # Taking the state and rebuilding the tree make a container or two per array.
-        loaded = reader(arrays_of(target))
+        loaded = reader(arrays_of(target) if in_place else None)
         tree = loaded.tree()
     target.set_state(tree)
     return loaded

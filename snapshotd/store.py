@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import warnings
@@ -253,8 +254,19 @@ class Store:
         run = self._run_dir(check_name(name))
         return [self._describe(name, version, path) for version, path in _listed(run)]
 
-    def load(self, name: str, version: int | None = None, into: object = None) -> Any:
+    def load(
+        self,
+        name: str,
+        version: int | None = None,
+        into: object = None,
+        *,
+        in_place: bool = False,
+    ) -> Any:
         """Load the newest good version (or ``version``); see :func:`snapshotd.load`.
+
+        ``in_place``: restore into the arrays ``into``'s state holds now, where they fit,
+        verified before any of them changes: no second copy of the state in memory
+        (see :func:`snapshot.restore_into` for what ``into`` must promise).
 
         Raises:
             NoSnapshot: no versions at all, or ``version`` does not exist.
@@ -263,7 +275,8 @@ class Store:
         """
         if into is None:
             return self.read(name, version).tree()
-        snapshot.restore_into(adapt(into), lambda arrays: self.read(name, version, arrays))
+        reader = functools.partial(self.read, name, version)
+        snapshot.restore_into(adapt(into), reader, in_place)
         return into
 
     def read(

@@ -6,9 +6,9 @@ Three kinds of target, all seen through the :class:`Target` protocol:
   takes it back. As in pickle, an object without ``__setstate__`` has a dict state
   merged into its ``__dict__``, so plain classes work too;
 - a ``dict`` of named values: arrays are restored in place where shape and dtype match
-  and no other entry shares their memory (other references to them see the new values),
-  replaced otherwise; an optional ``rename`` maps stored names to current ones (the
-  tutorial's ``W`` -> ``weights``);
+  (other references to them see the new values), replaced otherwise, and replaced too
+  where another entry is the same array or overlaps it and overwrote it; an optional
+  ``rename`` maps stored names to current ones (the tutorial's ``W`` -> ``weights``);
 - explicit ``get``/``set`` callables.
 
 Restoring a dict checks every name first and raises :class:`RestoreMismatch` listing all
@@ -90,47 +90,41 @@ class DictTarget:
         unexpected = sorted(repr(k) for k in incoming.keys() - self.mapping.keys())
         if missing or unexpected:
             raise RestoreMismatch(missing, unexpected, [])
-        arrays = [key for key in incoming if isinstance(self.mapping[key], np.ndarray)]
-        shared = {arrays[i] for i in overlapping([self.mapping[key] for key in arrays])}
+        for key, value in incoming.items():
+            self.mapping[key] = _in_place(self.mapping[key], value)
+        # Two entries may be one array (tied weights), or views that overlap: then a
+        # later fill overwrote an earlier one. Such an entry takes its stored array.
         for key, value in incoming.items():
             current = self.mapping[key]
-            self.mapping[key] = value if key in shared else _in_place(current, value)
+            if current is not value and not _same_bytes(current, value):
+                self.mapping[key] = value
+
+
+def _same_bytes(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
+    """True when ``a`` and ``b`` (same shape and dtype) hold the same bytes (NaN too)."""
+    raw = np.dtype(("V", a.dtype.itemsize))
+    return bool(np.array_equal(a.view(raw), b.view(raw)))
 
 
 def overlapping(arrays: Sequence[np.ndarray[Any, Any]]) -> set[int]:
-    """The positions in ``arrays`` of those that share memory with another one there.
+    """The positions in ``arrays`` of those whose span of bytes meets another's.
 
-    Filling those in place would let one overwrite another: tied weights are one array
-    under two names, and the stored state may hold them untied. Arrays whose spans of
-    bytes meet are compared exactly (the columns of one matrix share none); past
-    :data:`_MANY_MEETING` arrays meeting at once, all of them count as sharing.
+    For C-contiguous arrays (as a flattened state's are) that is exactly sharing memory:
+    filling those in place would let one overwrite another (tied weights are one array
+    under two names, and the stored state may hold them untied). Interleaved strided
+    views count as meeting.
     """
     if all(a.base is None for a in arrays) and len({id(a) for a in arrays}) == len(arrays):
         return set()  # each owns its memory and none is there twice
     spans = sorted((*_span(a), i) for i, a in enumerate(arrays) if a.nbytes)
-    shared: set[int] = set()
-    open_spans: list[tuple[int, int]] = []  # (end, position) of the spans still open
-    for low, high, i in spans:
-        open_spans = [(end, j) for end, j in open_spans if end > low]
-        if len(open_spans) >= _MANY_MEETING:
-            shared.update(j for _, j in open_spans)
+    shared = set()
+    reach = -1  # the furthest end of the spans before this one
+    for n, (low, high, i) in enumerate(spans):
+        after = spans[n + 1][0] if n + 1 < len(spans) else high
+        if low < reach or after < high:
             shared.add(i)
-        for _, j in open_spans:
-            if (j not in shared or i not in shared) and _share(arrays[i], arrays[j]):
-                shared.update((i, j))
-        open_spans.append((high, i))
+        reach = max(reach, high)
     return shared
-
-
-#: Beyond this many arrays whose spans meet, they are not compared pair by pair.
-_MANY_MEETING = 32
-
-
-def _share(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
-    try:
-        return bool(np.shares_memory(a, b))
-    except RuntimeError:  # numpy's TooHardError: too costly to tell, so assume they do
-        return True
 
 
 def _span(array: np.ndarray[Any, Any]) -> tuple[int, int]:

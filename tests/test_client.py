@@ -879,7 +879,9 @@ def test_resume_fills_the_arrays_the_run_already_has(runtime: Path, store: Store
     """No second copy of the state: the model's own arrays take the stored values."""
     model = Model()
     weights, bias = model.W, model.b
-    with snapshotd.register("resumed", model, resume=True, store=store.root, runtime_dir=runtime):
+    with snapshotd.register(
+        "resumed", model, resume=True, in_place=True, store=store.root, runtime_dir=runtime
+    ):
         pass
     assert model.W is weights
     assert model.b is bias

@@ -1,6 +1,7 @@
-"""Restoring a store's snapshot into the arrays an object already has (``Store.load(into=)``
-and resume): verified before a byte changes, no second copy of the state, and a fresh
-read whenever filling in place would be wrong or would change more than the object."""
+"""Restoring a store's snapshot into the arrays an object already has (``in_place=True`` on
+``Store.load`` and ``register``): verified before a byte changes, no second copy of the
+state, and a fresh read whenever filling in place would be wrong or would change more
+than the object. Without ``in_place`` nothing but the object changes."""
 
 from __future__ import annotations
 
@@ -82,13 +83,59 @@ def test_an_object_is_restored_into_its_own_arrays(store: Store) -> None:
     net = Net(0.0)
     before = dict(net.params)
 
-    assert store.load("net", into=net) is net
+    assert store.load("net", into=net, in_place=True) is net
 
     assert net.step == 7
     for name, array in net.params.items():
         assert array is before[name], f"{name} was replaced, not filled"
         assert array.tolist() == [2.0] * array.size
     assert mappings_of(path) == []
+
+
+class Student:
+    """Hands out an array it does not own: its teacher's (kept fixed while it learns)."""
+
+    def __init__(self, teacher: dict[str, Array]) -> None:
+        self.teacher = teacher
+        self.w = np.zeros(3)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"w": self.w, "teacher": self.teacher["emb"]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.w = state["w"]
+
+
+def test_without_in_place_only_the_object_changes(store: Store) -> None:
+    committed(store, {"w": np.full(3, 5.0), "teacher": np.full(4, -1.0)})
+    teacher = {"emb": np.arange(4.0)}
+    student = Student(teacher)
+    before = student.w
+
+    store.load("net", into=student)
+
+    assert student.w.tolist() == [5.0] * 3
+    assert student.w is not before
+    assert before.tolist() == [0.0] * 3
+    assert teacher["emb"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_resume_is_in_place_only_when_asked(store: Store, runtime: Path) -> None:
+    committed(store, Net(2.0))
+    plain, filled = Net(0.0), Net(0.0)
+    plain_before, filled_before = plain.params["p0"], filled.params["p0"]
+
+    with snapshotd.register("net", plain, resume=True, store=store.root, runtime_dir=runtime):
+        pass
+    with snapshotd.register(
+        "net", filled, resume=True, in_place=True, store=store.root, runtime_dir=runtime
+    ):
+        pass
+
+    assert plain.params["p0"] is not plain_before
+    assert plain_before.tolist() == [0.0] * 6
+    assert filled.params["p0"] is filled_before
+    assert filled_before.tolist() == [2.0] * 6
 
 
 def test_in_place_restore_allocates_no_second_copy(store: Store) -> None:
@@ -98,7 +145,7 @@ def test_in_place_restore_allocates_no_second_copy(store: Store) -> None:
     model = Holder({"w": np.zeros(4 << 20, np.float32)})
     tracemalloc.start()
     try:
-        store.load("net", into=model)
+        store.load("net", into=model, in_place=True)
         _, peak = tracemalloc.get_traced_memory()
         fresh = store.load("net")
         _, fresh_peak = tracemalloc.get_traced_memory()
@@ -136,7 +183,7 @@ def test_a_snapshot_that_fails_verification_changes_nothing(store: Store, damage
     before = {name: array.copy() for name, array in net.params.items()}
 
     with pytest.raises(SnapshotCorrupt):
-        store.load("net", 1, into=net)
+        store.load("net", 1, into=net, in_place=True)
 
     assert net.step == 0
     for name, array in net.params.items():
@@ -148,7 +195,7 @@ def test_a_failed_restore_releases_the_mapping_with_the_error(store: Store) -> N
     damage_last_array(path)
 
     with pytest.raises(SnapshotCorrupt):
-        store.load("net", 1, into=Net(0.0))
+        store.load("net", 1, into=Net(0.0), in_place=True)
 
     assert mappings_of(path) == []
 
@@ -162,7 +209,7 @@ def test_the_store_falls_back_without_touching_the_arrays_with_the_bad_version(
     kept = net.params["p0"]
 
     with pytest.warns(FallbackWarning, match="version 2 is bad"):
-        store.load("net", into=net)
+        store.load("net", into=net, in_place=True)
 
     assert net.params["p0"] is kept
     assert all(a.tolist() == [1.0] * a.size for a in net.params.values())
@@ -175,7 +222,7 @@ def test_a_file_under_another_versions_name_changes_nothing(store: Store) -> Non
     net = Net(0.0)
 
     with pytest.raises(SnapshotCorrupt, match="version 2"):
-        store.load("net", 1, into=net)
+        store.load("net", 1, into=net, in_place=True)
 
     assert all(a.tolist() == [0.0] * a.size for a in net.params.values())
 
@@ -189,26 +236,29 @@ def test_one_array_under_two_names_is_not_filled_twice(store: Store) -> None:
     tied = np.zeros(3)
     model = Holder({"a": tied, "b": tied})
 
-    store.load("net", into=model)
+    store.load("net", into=model, in_place=True)
 
     assert model.state["a"].tolist() == [1.0] * 3
     assert model.state["b"].tolist() == [2.0] * 3
 
 
 @pytest.mark.parametrize(
-    ("cut", "in_place"),
+    ("cut", "views_as_dict", "views_as_object"),
     [
-        (lambda flat: {"a": flat[:5], "b": flat[5:]}, True),
-        (lambda flat: {"a": flat[::2], "b": flat[1::2]}, True),
-        (lambda flat: {"a": flat[:5], "b": flat[4:9]}, False),
+        (lambda flat: {"a": flat[:5], "b": flat[5:]}, {"a", "b"}, {"a", "b"}),
+        (lambda flat: {"a": flat[::2], "b": flat[1::2]}, {"a", "b"}, set()),
+        (lambda flat: {"a": flat[:5], "b": flat[4:9]}, {"b"}, set()),
     ],
-    ids=["adjacent-views-stay-views", "interleaved-views-stay-views", "overlapping-replaced"],
+    ids=["adjacent", "interleaved", "overlapping"],
 )
 @pytest.mark.parametrize("holder", [False, True], ids=["dict", "object"])
-def test_views_of_one_buffer(store: Store, cut: Any, in_place: bool, holder: bool) -> None:
-    """Parameters as views of one flat buffer (as optimisers keep them) are filled in
-    place, unless they overlap: then one would overwrite the other. An object's strided
-    views are flattened as copies, so only a dict keeps those."""
+def test_views_of_one_buffer(
+    store: Store, cut: Any, views_as_dict: set[str], views_as_object: set[str], holder: bool
+) -> None:
+    """Parameters as views of one flat buffer (as optimisers keep them) stay views where
+    filling them in place is right. An object's strided views are flattened as copies,
+    and overlapping ones are read fresh; a dict fills every entry, and one that a later
+    entry overwrote takes its stored array instead."""
     flat = np.zeros(10)
     target = cut(flat)
     stored = {
@@ -217,14 +267,25 @@ def test_views_of_one_buffer(store: Store, cut: Any, in_place: bool, holder: boo
     committed(store, stored)
     model = Holder(target)
 
-    store.load("net", into=model if holder else target)
+    store.load("net", into=model if holder else target, in_place=True)
 
-    contiguous = all(view.flags.c_contiguous for view in cut(flat).values())
+    restored = model.state if holder else target
     for name, values in stored.items():
-        restored = model.state[name] if holder else target[name]
-        assert restored.tolist() == values.tolist()
-        expected = in_place and (contiguous or not holder)
-        assert np.shares_memory(restored, flat) is expected
+        assert restored[name].tolist() == values.tolist()
+    views = views_as_object if holder else views_as_dict
+    assert {name for name in stored if np.shares_memory(restored[name], flat)} == views
+
+
+def test_a_dict_of_many_columns_is_filled_in_place(store: Store) -> None:
+    """The columns of one matrix share no memory: all of them are filled, in one pass."""
+    matrix = np.zeros((3, 2000))
+    target = {f"c{k}": matrix[:, k] for k in range(2000)}
+    committed(store, {name: np.full(3, float(k)) for k, name in enumerate(target)})
+
+    store.load("net", into=target, in_place=True)
+
+    assert all(np.shares_memory(column, matrix) for column in target.values())
+    assert matrix[:, 1999].tolist() == [1999.0] * 3
 
 
 def test_read_only_arrays_are_replaced(store: Store) -> None:
@@ -233,7 +294,7 @@ def test_read_only_arrays_are_replaced(store: Store) -> None:
     frozen = net.params["p2"]
     frozen.flags.writeable = False
 
-    store.load("net", into=net)
+    store.load("net", into=net, in_place=True)
 
     assert net.params["p2"] is not frozen
     assert net.params["p2"].tolist() == [4.0] * 3
@@ -249,7 +310,7 @@ def test_a_memory_mapped_array_is_not_written_through_to_its_file(
     on_disk.flush()
     model = Holder({"w": on_disk})
 
-    store.load("net", into=model)
+    store.load("net", into=model, in_place=True)
 
     assert model.state["w"].tolist() == [9.0] * 4
     assert np.fromfile(tmp_path / "weights.bin").tolist() == [1.0] * 4
@@ -260,7 +321,7 @@ def test_another_shape_is_read_fresh(store: Store) -> None:
     net = Net(0.0, sizes=(6, 5, 3))
     old = net.params["p0"]
 
-    store.load("net", into=net)
+    store.load("net", into=net, in_place=True)
 
     assert net.params["p1"].shape == (4,)
     assert net.params["p0"] is not old
@@ -274,7 +335,7 @@ def test_an_object_without_state_yet_is_restored(store: Store) -> None:
     committed(store, saved)
     net = Net.__new__(Net)
 
-    store.load("net", into=net)
+    store.load("net", into=net, in_place=True)
 
     assert net.step == 3
     assert net.params["p0"].tolist() == [6.0] * 6
@@ -312,7 +373,7 @@ def test_a_dict_that_does_not_fit_is_left_as_it_was(store: Store) -> None:
     target = {1: np.zeros(3)}
 
     with pytest.raises(RestoreMismatch):
-        store.load("net", into=target)
+        store.load("net", into=target, in_place=True)
 
     assert target[1].tolist() == [0.0] * 3
 
@@ -326,6 +387,7 @@ def test_a_resume_with_a_rename_that_swaps_two_names(store: Store, runtime: Path
         target,
         rename={"enc": "dec", "dec": "enc"},
         resume=True,
+        in_place=True,
         store=store.root,
         runtime_dir=runtime,
     ):
@@ -340,7 +402,7 @@ def test_a_dict_is_filled_in_place_by_its_own_checks(store: Store) -> None:
     target = {"w": np.zeros(3)}
     alias = target["w"]
 
-    store.load("net", into=target)
+    store.load("net", into=target, in_place=True)
 
     assert target["w"] is alias
     assert alias.tolist() == [5.0] * 3
@@ -352,7 +414,12 @@ def test_get_without_set_is_refused_before_anything_changes(store: Store, runtim
 
     with pytest.raises(UsageError, match="no set="):
         snapshotd.register(
-            "net", get=lambda: state, resume=True, store=store.root, runtime_dir=runtime
+            "net",
+            get=lambda: state,
+            resume=True,
+            in_place=True,
+            store=store.root,
+            runtime_dir=runtime,
         )
 
     assert state["w"].tolist() == [0.0] * 3

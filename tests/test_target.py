@@ -13,6 +13,7 @@ import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy.lib.array_utils import byte_bounds
 
 import snapshotd
 from snapshotd.errors import RestoreMismatch, UsageError
@@ -404,10 +405,8 @@ def test_one_array_twice_overlaps_itself() -> None:
         (lambda f: [f[:3], f[3:6], f[4:5]], {1, 2}),
         (lambda f: [f[::-1][5:], f[5:]], set()),
         (lambda f: [f[::-1][:6], f[:5]], {0, 1}),
-        (lambda f: [f[::2], f[1::2]], set()),
-        (lambda f: [f[::2], f[2::2]], {0, 1}),
-        (lambda f: [f.reshape(2, 5)[:, :2], f[2:3]], set()),
-        (lambda f: [f.reshape(2, 5)[:, :2], f[6:7]], {0, 1}),
+        (lambda f: [f[::2], f[1::2]], {0, 1}),
+        (lambda f: [f.reshape(2, 5)[:, :2], f[2:3]], {0, 1}),
         (lambda f: [f[:0], f[:0], f[3:4]], set()),
     ],
     ids=[
@@ -417,10 +416,8 @@ def test_one_array_twice_overlaps_itself() -> None:
         "only-the-overlapping-pair",
         "reversed-adjacent",
         "reversed-overlapping",
-        "interleaved-share-nothing",
-        "interleaved-sharing",
-        "strided-rows-with-a-gap",
-        "strided-rows-meeting",
+        "interleaved-spans-meet",
+        "strided-rows-span",
         "empty-views",
     ],
 )
@@ -431,28 +428,41 @@ def test_views_overlap_where_their_spans_meet(
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.integers(0, 40), st.integers(0, 40), st.sampled_from([1, 2, 3, -1, -2])),
-        max_size=8,
-    )
-)
-def test_overlapping_agrees_with_numpys_shares_memory(
-    cuts: list[tuple[int, int, int]],
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40), st.booleans()), max_size=8))
+def test_overlapping_agrees_with_numpys_byte_bounds(
+    cuts: list[tuple[int, int, bool]],
 ) -> None:
     flat = np.zeros(40)
-    arrays = [flat[min(a, b) : max(a, b)][::step] for a, b, step in cuts]
+    arrays = [(flat[::-1] if flip else flat)[min(a, b) : max(a, b)] for a, b, flip in cuts]
+    bounds = [byte_bounds(a) for a in arrays]
     expected = {
         i
-        for i, a in enumerate(arrays)
-        if any(j != i and np.shares_memory(a, b) for j, b in enumerate(arrays))
+        for i, (low, high) in enumerate(bounds)
+        if high > low
+        and any(j != i and hi > lo and lo < high and low < hi for j, (lo, hi) in enumerate(bounds))
     }
     assert overlapping(arrays) == expected
 
 
-def test_many_views_meeting_at_once_all_count_as_sharing() -> None:
-    """Past the pairwise limit no two are compared: the columns of a wide matrix."""
-    columns = np.zeros((3, 40))
-    views = [columns[:, k] for k in range(40)]
-    assert overlapping(views) == set(range(40))
-    assert overlapping(views[:8]) == set()
+def test_a_dict_with_tied_entries_gets_each_stored_value() -> None:
+    """One array under two names, stored untied: the second fill overwrote the first, so
+    the first takes its stored array; the second stays the shared one."""
+    tied = np.zeros(3)
+    target = {"emb": tied, "out": tied}
+
+    adapt(target).set_state({"emb": np.full(3, 1.0), "out": np.full(3, 2.0)})
+
+    assert target["emb"].tolist() == [1.0] * 3
+    assert target["out"] is tied
+    assert tied.tolist() == [2.0] * 3
+
+
+def test_a_dict_with_nan_values_is_filled_in_place() -> None:
+    """NaN != NaN, yet the same bytes: the check after filling compares bytes."""
+    weights = np.zeros(2)
+    target = {"w": weights}
+
+    adapt(target).set_state({"w": np.array([np.nan, 1.0])})
+
+    assert target["w"] is weights
+    assert np.isnan(weights[0])

@@ -4,9 +4,9 @@
   the committed file is unlinked between runs, so every run writes a new file;
 - ``Store.load``: the newest version, every digest verified, page cache warm (and, for
   comparison with the cold read limit, after dropping the file from the page cache);
-- ``Store.load(into=...)``: the same restored into arrays the caller already has, as
-  ``resume=True`` restores a run: the same situation as the read limit's prefaulted
-  buffer, where a plain load must first get new memory for the state;
+- ``Store.load(into=model, in_place=True)``: the same restored into arrays the caller
+  already has, as ``resume=True, in_place=True`` restores a run: the same situation as
+  the read limit's prefaulted buffer, where a plain load must first get new memory;
 - ``snapshotd.save`` / ``snapshotd.load``: the store-less functions, one file.
 """
 
@@ -98,7 +98,7 @@ class Restore(Load):
         super().setup()
 
     def run(self) -> None:
-        self.result = self.store.load(RUN, into=self.model).arrays
+        self.result = self.store.load(RUN, into=self.model, in_place=True).arrays
 
     def after(self) -> None:
         if any(self.model.arrays[name] is not array for name, array in self.kept.items()):
