@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import selectors
@@ -214,7 +215,7 @@ def _resume(
         log.info("%s: nothing to resume from in %s", name, found.root)
         return None
     version = None if wanted == "latest" else int(wanted)
-    loaded = restore_into(target, lambda arrays: found.read(name, version, arrays), in_place)
+    loaded = restore_into(target, functools.partial(found.read, name, version), in_place)
     meta = loaded.header.meta
     log.info("%s: resumed from version %d (step %s)", name, meta.version, meta.step)
     return Resumed(meta.version, meta.step)

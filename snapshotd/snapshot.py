@@ -593,12 +593,11 @@ def _check_then_copy(
     mapped: mmap.mmap, header: Header, targets: Sequence[np.ndarray[Any, Any]], source: str
 ) -> None:
     layout = header.layout
-    data = np.frombuffer(mapped, np.uint8, layout.data_size, header.data_start)
-    found = list(map(digest, map(data.data.__getitem__, layout.slices)))
+    view = np.frombuffer(mapped, np.uint8, layout.data_size, header.data_start).data
+    found = list(map(digest, map(view.__getitem__, layout.slices)))
     expected = [header.digests[name] for name in layout.names]
     if found != expected:
         _mismatch(layout, 0, found, expected, source)
-    view = data.data
     for target, part in zip(targets, layout.slices, strict=True):
         # Byte to byte, without a typed view of the source per tensor (20,000 tensors:
         # 28 -> 11 ms). An empty one has nothing to copy and cannot be cast.
