@@ -94,10 +94,12 @@ class DictTarget:
             self.mapping[key] = _in_place(self.mapping[key], value)
         # Two entries may be one array (tied weights), or views that overlap: then a
         # later fill overwrote an earlier one. Such an entry takes its stored array.
-        for key, value in incoming.items():
-            current = self.mapping[key]
-            if current is not value and not _same_bytes(current, value):
-                self.mapping[key] = value
+        filled = [key for key, value in incoming.items() if self.mapping[key] is not value]
+        if _own_apart([self.mapping[key] for key in filled]):
+            return  # no fill can have reached another: no need to read them all again
+        for key in filled:
+            if not _same_bytes(self.mapping[key], incoming[key]):
+                self.mapping[key] = incoming[key]
 
 
 def _same_bytes(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
@@ -114,8 +116,8 @@ def overlapping(arrays: Sequence[np.ndarray[Any, Any]]) -> set[int]:
     under two names, and the stored state may hold them untied). Interleaved strided
     views count as meeting.
     """
-    if all(a.base is None for a in arrays) and len({id(a) for a in arrays}) == len(arrays):
-        return set()  # each owns its memory and none is there twice
+    if _own_apart(arrays):
+        return set()
     spans = sorted((*_span(a), i) for i, a in enumerate(arrays) if a.nbytes)
     shared = set()
     reach = -1  # the furthest end of the spans before this one
@@ -125,6 +127,12 @@ def overlapping(arrays: Sequence[np.ndarray[Any, Any]]) -> set[int]:
             shared.add(i)
         reach = max(reach, high)
     return shared
+
+
+def _own_apart(arrays: Sequence[np.ndarray[Any, Any]]) -> bool:
+    """True when each of ``arrays`` owns its memory and none is there twice: then no two
+    share memory, which is known without looking at a single address."""
+    return all(a.base is None for a in arrays) and len({id(a) for a in arrays}) == len(arrays)
 
 
 def _span(array: np.ndarray[Any, Any]) -> tuple[int, int]:
