@@ -31,6 +31,7 @@ RANKS: dict[str, int] = {
     "target": 1,
     "recent": 1,
     "collector": 1,
+    "lanes": 1,
     "format": 2,
     "config": 2,
     "protocol": 2,

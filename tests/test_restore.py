@@ -5,6 +5,7 @@ than the object. Without ``in_place`` nothing but the object changes."""
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -423,3 +424,95 @@ def test_get_without_set_is_refused_before_anything_changes(store: Store, runtim
         )
 
     assert state["w"].tolist() == [0.0] * 3
+
+
+# -- on two CPUs -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_cpus(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """Split work in two lanes even where this process may use one CPU. The threads
+    that read or digested data are recorded, to show that both lanes ran."""
+    monkeypatch.setattr(snapshotd.lanes, "usable_cpus", lambda: 2)
+    threads: set[int] = set()
+    for name in ("digest", "_read_into"):
+        monkeypatch.setattr(snapshot, name, recording(getattr(snapshot, name), threads))
+    return threads
+
+
+def recording(function: Any, threads: set[int]) -> Any:
+    def recorded(*args: Any) -> Any:
+        threads.add(threading.get_ident())
+        return function(*args)
+
+    return recorded
+
+
+def big_state(fill: float) -> dict[str, Array]:
+    """12 MiB over both copy paths: arrays big enough to copy without the GIL, small
+    ones copied byte to byte, a bool and a half-float array among them."""
+    return {
+        "emb": np.full((1024, 1024), fill, np.float64),
+        "w": np.full(512 << 10, fill, np.float32),
+        "mask": np.full(300 << 10, fill > 0, np.bool_),
+        "half": np.full(100 << 10, fill, np.float16),
+        **{f"b{k}": np.full(3, fill + k, np.float32) for k in range(8)},
+    }
+
+
+def test_a_big_state_is_restored_in_place_in_two_lanes(store: Store, two_cpus: set[int]) -> None:
+    stored = big_state(2.5)
+    committed(store, stored)
+    model = Holder(big_state(0.0))
+    kept = dict(model.state)
+
+    store.load("net", into=model, in_place=True)
+
+    assert len(two_cpus) == 2
+    for name, array in model.state.items():
+        assert array is kept[name]
+        np.testing.assert_array_equal(array, stored[name])
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_bad_digest_in_either_lane_changes_nothing(
+    store: Store, two_cpus: set[int], where: str
+) -> None:
+    path = committed(store, big_state(2.5))
+    header = snapshot.read_header(path)
+    first = header.layout.tensors[0]
+    with path.open("r+b") as file:
+        at = header.data_start + (first.begin if where == "first" else header.layout.data_size - 1)
+        file.seek(at)
+        byte = file.read(1)
+        file.seek(at)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    model = Holder(big_state(0.0))
+
+    with pytest.raises(SnapshotCorrupt, match="digest mismatch"):
+        store.load("net", 1, into=model, in_place=True)
+
+    assert len(two_cpus) == 2
+    for name, array in big_state(0.0).items():
+        np.testing.assert_array_equal(model.state[name], array)
+
+
+def test_a_tensor_read_in_pieces_stays_in_one_lane(store: Store, two_cpus: set[int]) -> None:
+    """A tensor bigger than a read is digested as it streams by, piece after piece: the
+    lanes of a fresh read never part its pieces, and a flipped byte anywhere in it is
+    found."""
+    big = np.arange(5 << 20, dtype=np.float32)  # 20 MiB: three pieces
+    stored = {"big": big, "other": np.arange(3 << 20, dtype=np.float32)}
+    path = committed(store, stored)
+
+    loaded = store.load("net")
+
+    assert len(two_cpus) == 2
+    np.testing.assert_array_equal(loaded["big"], big)
+    np.testing.assert_array_equal(loaded["other"], stored["other"])
+    header = snapshot.read_header(path)
+    with path.open("r+b") as file:
+        file.seek(header.data_start + header.layout.tensors[0].begin + (12 << 20))
+        file.write(b"\xff")
+    with pytest.raises(SnapshotCorrupt, match="'big'"):
+        store.load("net", 1)

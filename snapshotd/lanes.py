@@ -1,0 +1,92 @@
+"""Byte-heavy work split over the CPUs: the caller's thread and helper threads.
+
+A verified restore into the run's own arrays goes over every byte twice, once to check
+its digest and once to copy it, where the plain read it is measured against goes over
+them once. Both passes let go of the GIL (xxhash on large buffers, ``np.copyto``), so
+each is split into lanes of about equal bytes, one lane a CPU, and on the 2-core
+reference machine the restore keeps pace with the read (docs/PERFORMANCE.md, P3).
+
+Work too small to pay for starting a thread stays on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import TypeVar
+
+_Part = TypeVar("_Part")
+_Result = TypeVar("_Result")
+
+#: Below this many bytes one thread does it all: a thread costs about 0.1 ms to start,
+#: what two cores save on 8 MiB.
+MINIMUM_BYTES = 8 << 20
+
+
+def even_parts(ends: Sequence[int], cpus: int, minimum: int = MINIMUM_BYTES) -> list[range]:
+    """Consecutive index ranges over items that end at the byte offsets ``ends``
+    (ascending, as the tensors of a layout), one for each of ``cpus``, each holding
+    about the same number of bytes; one range of all items when they hold fewer than
+    ``minimum`` bytes.
+
+    An item is never cut: a lane that would start where the previous one started is
+    dropped, so one big item makes one lane.
+    """
+    total = ends[-1] if ends else 0
+    count = min(cpus, len(ends)) if total >= minimum else 1
+    starts = [0]
+    for lane in range(1, count):
+        # The first item that ends at or after this lane's share of the bytes closes the
+        # lane before it.
+        start = bisect.bisect_left(ends, total * lane // count) + 1
+        if starts[-1] < start < len(ends):
+            starts.append(start)
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], len(ends)], strict=True)]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, which ``taskset``, a systemd
+    ``CPUAffinity=`` or a container's cpuset narrows, not the machine's count."""
+    return len(os.sched_getaffinity(0))
+
+
+class Lanes:
+    """Threads for the parts of :func:`even_parts`, for the life of a ``with`` block.
+
+    ``map(work, parts)`` runs ``work`` on every part at once, the first on the caller's
+    thread, and returns the results in the parts' order. An exception in any part is
+    raised after all parts have finished, so no part still runs when the caller moves on.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._pool = ThreadPoolExecutor(count - 1, "snapshotd-lane") if count > 1 else None
+
+    def __enter__(self) -> Lanes:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def map(self, work: Callable[[_Part], _Result], parts: Sequence[_Part]) -> list[_Result]:
+        if self._pool is None or len(parts) < 2:
+            return [work(part) for part in parts]
+        others = [self._pool.submit(work, part) for part in parts[1:]]
+        try:
+            first = work(parts[0])
+        finally:
+            # Wait for every helper even when the caller's part failed: the parts share
+            # buffers that the caller may release once this returns.
+            rest = [future.exception() for future in others]
+        for failure in rest:
+            if failure is not None:
+                raise failure
+        return [first, *(future.result() for future in others)]
