@@ -1,17 +1,24 @@
 """Byte-heavy work split over the CPUs: the caller's thread and helper threads.
 
-A verified restore into the run's own arrays goes over every byte twice, once to check
-its digest and once to copy it, where the plain read it is measured against goes over
-them once. Both passes let go of the GIL (xxhash on large buffers, ``np.copyto``), so
-each is split into lanes of about equal bytes, one lane a CPU, and on the 2-core
-reference machine the restore keeps pace with the read (docs/PERFORMANCE.md, P3).
+Copies and digests of big buffers let go of the GIL (``np.copyto``, ``np.concatenate``,
+xxhash, ``preadv``), so a pass over a state's bytes can be split into lanes of about
+equal bytes, one a usable CPU, that run at once. Three passes use it:
 
-Work too small to pay for starting a thread stays on the caller's thread.
+- a verified restore into the run's own arrays, which goes over every byte twice (its
+  digest, then its copy) where the plain read it is measured against goes over them
+  once: in lanes it keeps pace with that read on two cores (docs/PERFORMANCE.md, P3);
+- a verified read into fresh memory, piece by piece;
+- the experiment's copy of its state into its arena, the one step a snapshot stops the
+  run for.
+
+Work too small to pay for starting a thread, or made of items too small to let go of
+the GIL for long, stays on the caller's thread.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,18 +32,25 @@ _Result = TypeVar("_Result")
 #: what two cores save on 8 MiB.
 MINIMUM_BYTES = 8 << 20
 
+#: Items smaller than this do not count toward :data:`MINIMUM_BYTES`: copying or
+#: digesting one costs more in Python than in the call that lets go of the GIL, so a
+#: second lane only contends for the GIL (20,000 arrays of 1 KiB, copied into an arena:
+#: 9.6 ms in two lanes, 7.8 ms in one).
+MINIMUM_ITEM = 64 << 10
+
 
 def even_parts(ends: Sequence[int], cpus: int, minimum: int = MINIMUM_BYTES) -> list[range]:
     """Consecutive index ranges over items that end at the byte offsets ``ends``
     (ascending, as the tensors of a layout), one for each of ``cpus``, each holding
-    about the same number of bytes; one range of all items when they hold fewer than
-    ``minimum`` bytes.
+    about the same number of bytes; one range of all items when the items of at least
+    :data:`MINIMUM_ITEM` bytes hold fewer than ``minimum`` bytes together.
 
     An item is never cut: a lane that would start where the previous one started is
     dropped, so one big item makes one lane.
     """
     total = ends[-1] if ends else 0
-    count = min(cpus, len(ends)) if total >= minimum else 1
+    big = sum(size for size in _sizes(ends) if size >= MINIMUM_ITEM)
+    count = min(cpus, len(ends)) if big >= minimum else 1
     starts = [0]
     for lane in range(1, count):
         # The first item that ends at or after this lane's share of the bytes closes the
@@ -45,6 +59,10 @@ def even_parts(ends: Sequence[int], cpus: int, minimum: int = MINIMUM_BYTES) -> 
         if starts[-1] < start < len(ends):
             starts.append(start)
     return [range(a, b) for a, b in zip(starts, [*starts[1:], len(ends)], strict=True)]
+
+
+def _sizes(ends: Sequence[int]) -> list[int]:
+    return [end - begin for begin, end in itertools.pairwise([0, *ends])]
 
 
 def usable_cpus() -> int:

@@ -34,6 +34,15 @@ def test_an_item_is_never_cut() -> None:
     assert even_parts(ends_of([64 * MiB, 1, 1]), cpus=4) == [range(1), range(1, 3)]
 
 
+def test_many_small_items_stay_on_one_lane() -> None:
+    """Each would hold the GIL for longer than its copy lets go of it."""
+    assert even_parts(ends_of([1024] * 20_000), cpus=2) == [range(20_000)]
+
+
+def test_small_items_beside_a_big_one_share_the_lanes() -> None:
+    assert even_parts(ends_of([16 * MiB] + [1024] * 100), cpus=2) == [range(1), range(1, 101)]
+
+
 def test_one_cpu_makes_one_lane() -> None:
     assert even_parts(ends_of([MiB] * 200), cpus=1) == [range(200)]
 
@@ -55,7 +64,7 @@ def test_lanes_cover_every_item_once_in_order_and_share_the_bytes(
     assert [index for part in parts for index in part] == list(range(len(sizes)))
     assert 1 <= len(parts) <= cpus
     assert all(parts), "no lane is empty"
-    if ends[-1] < MiB:
+    if sum(size for size in sizes if size >= lanes.MINIMUM_ITEM) < MiB:
         assert len(parts) == 1
     # No lane holds more than its share and one item beyond it.
     share = ends[-1] / len(parts)
