@@ -19,6 +19,7 @@ REQUIRED_CASES = {
     "limit.memcpy",
     "limit.write_fsync",
     "limit.read_cached",
+    "limit.read_cached_snapshot",
     "limit.read_cold",
     "peer.pickle_dump_fsync",
     "peer.savez_fsync",

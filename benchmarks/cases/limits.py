@@ -7,18 +7,25 @@
 - ``limit.write_fallocate_fsync``: the same with ``posix_fallocate`` first, as snapshotd
   does (on ext4 it changes the speed; the targets use the plain one);
 - ``limit.read_cached``: ``readinto`` the whole file into a prefaulted buffer, warm cache;
-- ``limit.read_cold``: the same after ``posix_fadvise(DONTNEED)`` of the fsynced file.
+- ``limit.read_cold``: the same after ``posix_fadvise(DONTNEED)`` of the fsynced file;
+- ``limit.read_cached_snapshot``: the same warm read of a file snapshotd committed (its
+  data section, the same bytes), the "cached read of the same file" a restore is held to.
+  The kernel keeps a file's page cache in folios of 4 KiB to 2 MiB, by how the file was
+  written and read back, and a read's speed can depend on them.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import snapshotd
 from benchmarks.cases.files import CacheState, read_into, unlink, write_durably
 from benchmarks.harness import Bench, Context, case
+from snapshotd import snapshot
 
 Array = np.ndarray[Any, Any]
 
@@ -120,3 +127,41 @@ def _read_cached(ctx: Context) -> Bench:
 @case("limit.read_cold", "raw read, cold (fadvise DONTNEED)", group="limit", short="cold read")
 def _read_cold(ctx: Context) -> Bench:
     return Read(ctx, cold=True)
+
+
+class ReadSnapshotFile(Read):
+    """The warm read of a snapshot file's data section into the prefaulted buffer."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx, cold=False)
+        self.store = snapshotd.Store(ctx.workdir / "store-read")
+        self.start = 0
+
+    def setup(self) -> None:
+        self.store.commit("bench", self.ctx.state.arrays)
+        (self.path,) = (version.path for version in self.store.versions("bench"))
+        self.start = snapshot.read_header(self.path).data_start
+        self.run()
+
+    def run(self) -> None:
+        view = self.ctx.state.scratch.data.cast("B")
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            done = 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], self.start + done)
+                if not got:
+                    raise RuntimeError(f"read {done} of {len(view)} bytes")
+                done += got
+        finally:
+            os.close(fd)
+
+
+@case(
+    "limit.read_cached_snapshot",
+    "raw read of a snapshot file's data, page cache warm",
+    group="limit",
+    short="read snapshot",
+)
+def _read_cached_snapshot(ctx: Context) -> Bench:
+    return ReadSnapshotFile(ctx)
