@@ -14,7 +14,6 @@ caller has checked the layout against the descriptor's real size.
 from __future__ import annotations
 
 import fcntl
-import functools
 import mmap
 import os
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from snapshotd import lanes
 from snapshotd.errors import RemoteProtocolError
 from snapshotd.format import Layout, Tensor
 from snapshotd.protocol import TensorEntry, TensorTable
@@ -37,7 +35,6 @@ class Arena:
 
     def __init__(self, size: int, label: str) -> None:
         self.size = size
-        self._parts: tuple[Layout, list[range]] | None = None
         self.fd = os.memfd_create(f"snapshotd-{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             # mmap cannot map zero bytes: an empty state gets a one-byte arena.
@@ -62,38 +59,15 @@ class Arena:
         and anything else raises ``TypeError`` or ``ValueError``.
 
         One ``np.concatenate`` per run of same-dtype tensors: for a state of 20,000
-        small arrays that is half the time of copying them one by one from Python. The
-        tensors are shared out in lanes of about equal bytes, one a usable CPU
-        (:mod:`snapshotd.lanes`), which copy at once: the run is stopped for the copy,
-        and on two cores 256 MiB takes 19 ms instead of 25.
+        small arrays that is half the time of copying them one by one from Python.
         """
-        parts = self._parts_of(layout)
-        with lanes.Lanes(len(parts)) as pool:
-            pool.map(functools.partial(self._fill_part, layout, arrays), parts)
-
-    def _parts_of(self, layout: Layout) -> list[range]:
-        """The lanes of ``layout``, kept while the arena is reused for the same layout
-        (for 20,000 tensors, working them out takes a tenth of the copy)."""
-        if self._parts is None or self._parts[0] is not layout:
-            ends = [tensor.end for tensor in layout.tensors]
-            self._parts = (layout, lanes.even_parts(ends, lanes.usable_cpus()))
-        return self._parts[1]
-
-    def _fill_part(
-        self, layout: Layout, arrays: Sequence[np.ndarray[Any, Any]], part: range
-    ) -> None:
-        """Copy the tensors of ``part`` (indexes in the layout), a run at a time."""
         for run in layout.runs:
-            first, last = max(run.first, part.start), min(run.last, part.stop)
-            if first >= last:
-                continue
-            begin, end = layout.tensors[first].begin, layout.tensors[last - 1].end
-            count = (end - begin) // run.dtype.itemsize
+            count = (run.end - run.begin) // run.dtype.itemsize
             if count == 0:
                 continue
-            out = np.frombuffer(self._map, dtype=run.dtype, count=count, offset=begin)
+            out = np.frombuffer(self._map, dtype=run.dtype, count=count, offset=run.begin)
             # "equiv": byte order may change, nothing else; never a silent conversion.
-            np.concatenate(arrays[first:last], axis=None, out=out, casting="equiv")
+            np.concatenate(arrays[run.first : run.last], axis=None, out=out, casting="equiv")
 
     def close(self) -> None:
         try:

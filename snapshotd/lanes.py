@@ -1,18 +1,18 @@
 """Byte-heavy work split over the CPUs: the caller's thread and helper threads.
 
-Copies and digests of big buffers let go of the GIL (``np.copyto``, ``np.concatenate``,
-xxhash, ``preadv``), so a pass over a state's bytes can be split into lanes of about
-equal bytes, one a usable CPU, that run at once. Three passes use it:
+Copies and digests of big buffers let go of the GIL (``np.copyto``, xxhash,
+``preadv``), so a pass over a state's bytes can be split into lanes of about equal
+bytes, one a usable CPU, that run at once. Restoring uses it:
 
-- a verified restore into the run's own arrays, which goes over every byte twice (its
-  digest, then its copy) where the plain read it is measured against goes over them
-  once: in lanes it keeps pace with that read on two cores (docs/PERFORMANCE.md, P3);
-- a verified read into fresh memory, piece by piece;
-- the experiment's copy of its state into its arena, the one step a snapshot stops the
-  run for.
+- a verified restore into the run's own arrays goes over every byte twice (its digest,
+  then its copy) where the plain read it is measured against goes over them once; in
+  lanes it keeps pace with that read on two cores (docs/PERFORMANCE.md, P3);
+- a verified read into fresh memory, piece by piece.
 
-Work too small to pay for starting a thread, or made of items too small to let go of
-the GIL for long, stays on the caller's thread.
+The experiment's copy into its arena does not: on two cores its stall got shorter, but
+the training loop around it made fewer steps a second (docs/PERFORMANCE.md, "Tried and
+dropped"). Work too small to pay for starting a thread, or made of items too small to
+let go of the GIL for long, stays on the caller's thread.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ MINIMUM_BYTES = 8 << 20
 
 #: Items smaller than this do not count toward :data:`MINIMUM_BYTES`: copying or
 #: digesting one costs more in Python than in the call that lets go of the GIL, so a
-#: second lane only contends for the GIL (20,000 arrays of 1 KiB, copied into an arena:
-#: 9.6 ms in two lanes, 7.8 ms in one).
+#: second lane only contends for the GIL (20,000 arrays of 1 KiB, digested and copied
+#: out of a mapping: 17.9 ms in two lanes, 16.4 ms in one).
 MINIMUM_ITEM = 64 << 10
 
 

@@ -576,9 +576,9 @@ def _restore_verified(
 
     Copying out of the page cache in user space, in lanes, is faster than ``preadv``
     into memory that is already there: 1 GiB in 50 arrays, verified and copied on two
-    cores, takes 0.10 s where the bare read takes 0.12 s. The mapping is shared and read-only; snapshotd never
-    changes a committed file, it only renames and unlinks it, which leaves a mapping
-    intact.
+    cores, takes 0.10 s where the bare read takes 0.12 s. The mapping is shared and
+    read-only; snapshotd never changes a committed file, it only renames and unlinks it,
+    which leaves a mapping intact.
 
     Raises:
         SnapshotCorrupt: a digest does not match; ``targets`` are untouched.

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from snapshotd import lanes, rendezvous
+from snapshotd import rendezvous
 from snapshotd.arena import Arena, layout_of, map_readonly, table_of
 from snapshotd.channel import Channel, connect
 from snapshotd.errors import LocalProtocolError, PeerUnreachable, RemoteProtocolError
@@ -592,31 +592,3 @@ def test_an_arena_filled_in_order_holds_what_flatten_would_have_copied() -> None
     finally:
         by_flatten.close()
         in_order.close()
-
-
-@pytest.mark.parametrize("cpus", [1, 2, 3])
-def test_an_arena_filled_in_lanes_holds_the_same_bytes(
-    monkeypatch: pytest.MonkeyPatch, cpus: int
-) -> None:
-    """Runs of one dtype cut between lanes, arrays held transposed or big-endian: every
-    lane count copies the bytes flatten would have."""
-    rng = np.random.default_rng(7)
-    held: dict[str, np.ndarray[Any, Any]] = {
-        "emb": rng.standard_normal((1024, 768)).T,  # 6 MiB of float64, transposed
-        "w": rng.standard_normal(1 << 20).astype(np.float32),
-        "be": rng.standard_normal(300_000).astype(">f8"),
-        "h": rng.standard_normal(200_000).astype(np.float16),
-        **{f"b{k}": np.full(5, k, np.int16) for k in range(6)},
-    }
-    flat = flatten(held)
-    layout = Layout.plan(flat.arrays)
-    monkeypatch.setattr(lanes, "usable_cpus", lambda: cpus)
-    by_flatten, in_lanes = Arena(layout.data_size, "a"), Arena(layout.data_size, "b")
-    try:
-        by_flatten.fill(layout, flat.arrays)
-        in_lanes.fill_in_order(layout, layout.in_order(list(held.values())))
-        assert len(in_lanes._parts_of(layout)) == cpus
-        assert bytes(in_lanes._map) == bytes(by_flatten._map)
-    finally:
-        by_flatten.close()
-        in_lanes.close()
