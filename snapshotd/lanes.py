@@ -39,18 +39,23 @@ MINIMUM_BYTES = 8 << 20
 MINIMUM_ITEM = 64 << 10
 
 
-def even_parts(ends: Sequence[int], cpus: int, minimum: int = MINIMUM_BYTES) -> list[range]:
-    """Consecutive index ranges over items that end at the byte offsets ``ends``
-    (ascending, as the tensors of a layout), one for each of ``cpus``, each holding
-    about the same number of bytes; one range of all items when the items of at least
-    :data:`MINIMUM_ITEM` bytes hold fewer than ``minimum`` bytes together.
+def even_parts(sizes: Sequence[int], cpus: int, minimum: int = MINIMUM_BYTES) -> list[range]:
+    """Consecutive index ranges over items of ``sizes`` bytes (in order, as the tensors
+    of a layout), one for each of ``cpus``, each holding about the same number of bytes;
+    one range of all items when none has :data:`MINIMUM_ITEM` bytes, or those that do
+    hold fewer than ``minimum`` bytes together.
 
     An item is never cut: a lane that would start where the previous one started is
     dropped, so one big item makes one lane.
     """
-    total = ends[-1] if ends else 0
-    big = sum(size for size in _sizes(ends) if size >= MINIMUM_ITEM)
-    count = min(cpus, len(ends)) if big >= minimum else 1
+    # max() first: a state of tens of thousands of small items is told apart in C.
+    if not sizes or cpus < 2 or max(sizes) < MINIMUM_ITEM:
+        return [range(len(sizes))]
+    if sum(filter(MINIMUM_ITEM.__le__, sizes)) < minimum:
+        return [range(len(sizes))]
+    ends = list(itertools.accumulate(sizes))
+    total = ends[-1]
+    count = min(cpus, len(ends))
     starts = [0]
     for lane in range(1, count):
         # The first item that ends at or after this lane's share of the bytes closes the
@@ -59,10 +64,6 @@ def even_parts(ends: Sequence[int], cpus: int, minimum: int = MINIMUM_BYTES) -> 
         if starts[-1] < start < len(ends):
             starts.append(start)
     return [range(a, b) for a, b in zip(starts, [*starts[1:], len(ends)], strict=True)]
-
-
-def _sizes(ends: Sequence[int]) -> list[int]:
-    return [end - begin for begin, end in itertools.pairwise([0, *ends])]
 
 
 def usable_cpus() -> int:

@@ -22,49 +22,52 @@ def ends_of(sizes: list[int]) -> list[int]:
 
 
 def test_small_work_stays_on_one_lane() -> None:
-    assert even_parts(ends_of([MiB] * 7), cpus=2) == [range(7)]
+    assert even_parts([MiB] * 7, cpus=2) == [range(7)]
 
 
 def test_equal_items_are_halved() -> None:
-    assert even_parts(ends_of([MiB] * 200), cpus=2) == [range(100), range(100, 200)]
+    assert even_parts([MiB] * 200, cpus=2) == [range(100), range(100, 200)]
 
 
 def test_an_item_is_never_cut() -> None:
-    assert even_parts(ends_of([64 * MiB]), cpus=2) == [range(1)]
-    assert even_parts(ends_of([64 * MiB, 1, 1]), cpus=4) == [range(1), range(1, 3)]
+    assert even_parts([64 * MiB], cpus=2) == [range(1)]
+    assert even_parts([64 * MiB, 1, 1], cpus=4) == [range(1), range(1, 3)]
 
 
 def test_many_small_items_stay_on_one_lane() -> None:
     """Each would hold the GIL for longer than its copy lets go of it."""
-    assert even_parts(ends_of([1024] * 20_000), cpus=2) == [range(20_000)]
+    assert even_parts([1024] * 20_000, cpus=2) == [range(20_000)]
 
 
 def test_small_items_beside_a_big_one_share_the_lanes() -> None:
-    assert even_parts(ends_of([16 * MiB] + [1024] * 100), cpus=2) == [range(1), range(1, 101)]
+    assert even_parts([16 * MiB] + [1024] * 100, cpus=2) == [range(1), range(1, 101)]
 
 
 def test_one_cpu_makes_one_lane() -> None:
-    assert even_parts(ends_of([MiB] * 200), cpus=1) == [range(200)]
+    assert even_parts([MiB] * 200, cpus=1) == [range(200)]
 
 
 def test_no_items_make_one_empty_lane() -> None:
     assert even_parts([], cpus=4) == [range(0)]
+    assert even_parts([], cpus=4, minimum=0) == [range(0)]
 
 
 @given(
     sizes=st.lists(st.integers(min_value=0, max_value=8 * MiB), min_size=1, max_size=60),
     cpus=st.integers(min_value=1, max_value=8),
+    minimum=st.sampled_from([0, MiB]),
 )
 def test_lanes_cover_every_item_once_in_order_and_share_the_bytes(
-    sizes: list[int], cpus: int
+    sizes: list[int], cpus: int, minimum: int
 ) -> None:
     ends = ends_of(sizes)
-    parts = even_parts(ends, cpus, minimum=MiB)
+    parts = even_parts(sizes, cpus, minimum)
 
     assert [index for part in parts for index in part] == list(range(len(sizes)))
     assert 1 <= len(parts) <= cpus
     assert all(parts), "no lane is empty"
-    if sum(size for size in sizes if size >= lanes.MINIMUM_ITEM) < MiB:
+    big = [size for size in sizes if size >= lanes.MINIMUM_ITEM]
+    if not big or sum(big) < minimum:
         assert len(parts) == 1
     # No lane holds more than its share and one item beyond it.
     share = ends[-1] / len(parts)
