@@ -21,7 +21,7 @@ import bisect
 import itertools
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TypeVar
 
@@ -54,16 +54,30 @@ def even_parts(sizes: Sequence[int], cpus: int, minimum: int = MINIMUM_BYTES) ->
     if sum(filter(MINIMUM_ITEM.__le__, sizes)) < minimum:
         return [range(len(sizes))]
     ends = list(itertools.accumulate(sizes))
-    total = ends[-1]
     count = min(cpus, len(ends))
     starts = [0]
     for lane in range(1, count):
-        # The first item that ends at or after this lane's share of the bytes closes the
-        # lane before it.
-        start = bisect.bisect_left(ends, total * lane // count) + 1
-        if starts[-1] < start < len(ends):
+        start = _closest_start(ends, ends[-1] * lane // count)
+        # A lane that would hold no bytes is not started.
+        if starts[-1] < start < len(ends) and _before(ends, start) > _before(ends, starts[-1]):
             starts.append(start)
+    if len(starts) > 1 and ends[-1] == _before(ends, starts[-1]):
+        starts.pop()
     return [range(a, b) for a, b in zip(starts, [*starts[1:], len(ends)], strict=True)]
+
+
+def _closest_start(ends: Sequence[int], share: int) -> int:
+    """Where the lane that should begin at byte ``share`` begins: before or after the
+    item that straddles it, whichever boundary is nearer."""
+    straddling = bisect.bisect_left(ends, share)
+    if straddling and share - ends[straddling - 1] < ends[straddling] - share:
+        return straddling
+    return straddling + 1
+
+
+def _before(ends: Sequence[int], index: int) -> int:
+    """The bytes of the items before ``index``."""
+    return ends[index - 1] if index else 0
 
 
 def usable_cpus() -> int:
@@ -77,7 +91,9 @@ class Lanes:
 
     ``map(work, parts)`` runs ``work`` on every part at once, the first on the caller's
     thread, and returns the results in the parts' order. An exception in any part is
-    raised after all parts have finished, so no part still runs when the caller moves on.
+    raised after all parts have finished, so no part still runs when the caller moves on;
+    of several, the earliest part's. Once the interpreter is shutting down, helpers take
+    no more work and every part runs on the caller's thread.
     """
 
     def __init__(self, count: int) -> None:
@@ -96,16 +112,39 @@ class Lanes:
             self._pool.shutdown(wait=True)
 
     def map(self, work: Callable[[_Part], _Result], parts: Sequence[_Part]) -> list[_Result]:
-        if self._pool is None or len(parts) < 2:
-            return [work(part) for part in parts]
-        others = [self._pool.submit(work, part) for part in parts[1:]]
+        started = [self._start(work, part) for part in parts[1:]]
         try:
-            first = work(parts[0])
+            first = [work(part) for part in parts[:1]]
+            # Parts no helper took (there are none, or the interpreter is shutting down
+            # and starts no threads) run here, after the first.
+            here = {
+                index: work(part)
+                for index, (part, future) in enumerate(zip(parts[1:], started, strict=True))
+                if future is None
+            }
         finally:
             # Wait for every helper even when the caller's part failed: the parts share
             # buffers that the caller may release once this returns.
-            rest = [future.exception() for future in others]
-        for failure in rest:
-            if failure is not None:
+            failures = [future.exception() for future in started if future is not None]
+        failure = next((failure for failure in failures if failure is not None), None)
+        if failure is not None:
+            try:
                 raise failure
-        return [first, *(future.result() for future in others)]
+            finally:
+                # The traceback holds this frame, whose locals would hold the exception
+                # again: a cycle that keeps every buffer of the work alive until the
+                # cyclic collector runs (never, in a loop that turned it off).
+                del failure, failures, started
+        rest = [here[i] if future is None else future.result() for i, future in enumerate(started)]
+        return [*first, *rest]
+
+    def _start(self, work: Callable[[_Part], _Result], part: _Part) -> Future[_Result] | None:
+        """``work(part)`` on a helper; None when there is none, or when the interpreter
+        is shutting down (an ``atexit`` handler, a daemon thread at exit) and a pool no
+        longer starts work."""
+        if self._pool is None:
+            return None
+        try:
+            return self._pool.submit(work, part)
+        except RuntimeError:
+            return None

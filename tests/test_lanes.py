@@ -3,9 +3,16 @@ once: the results in order, and no lane still running when the caller goes on.""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+import weakref
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -127,3 +134,74 @@ def test_a_failure_in_a_helper_lane_is_raised_to_the_caller() -> None:
 
     with Lanes(2) as pool, pytest.raises(KeyError, match="helper's lane"):
         pool.map(work, [0, 1])
+
+
+def test_a_lane_closes_at_the_nearer_side_of_the_item_that_straddles_its_share() -> None:
+    assert even_parts([50 * MiB, 60 * MiB, 10 * MiB], cpus=2) == [range(1), range(1, 3)]
+    assert even_parts([10 * MiB, 100 * MiB], cpus=2) == [range(1), range(1, 2)]
+
+
+def test_no_lane_is_started_for_no_bytes() -> None:
+    assert even_parts([64 * MiB, 0, 0, 0], cpus=4) == [range(4)]
+
+
+def test_a_failed_lane_keeps_nothing_alive_once_handled() -> None:
+    """The exception of a helper's part, raised to the caller, must not sit in a
+    reference cycle: what the parts held would stay alive until the cyclic collector
+    runs, and a training loop may have turned it off."""
+
+    class Buffer:
+        pass
+
+    held: list[weakref.ref[Buffer]] = []
+
+    def work(part: int) -> None:
+        buffer = Buffer()
+        held.append(weakref.ref(buffer))
+        if part == 1:
+            raise ValueError("helper's lane")
+
+    gc.disable()
+    try:
+        with Lanes(2) as pool, contextlib.suppress(ValueError):
+            pool.map(work, [0, 1])
+        assert len(held) == 2
+        assert [ref() for ref in held] == [None, None]
+    finally:
+        gc.enable()
+
+
+def test_lanes_still_work_while_the_interpreter_shuts_down(tmp_path: Path) -> None:
+    """atexit handlers run after thread pools stop taking work: every part then runs
+    on the caller's thread instead of failing."""
+    script = tmp_path / "late.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import atexit, sys
+            import numpy as np
+            import snapshotd
+            from snapshotd import lanes
+
+            lanes.usable_cpus = lambda: 2
+            path = sys.argv[1]
+            state = {"a": np.ones(3 << 20, np.float32), "b": np.ones(3 << 20, np.float32)}
+            snapshotd.save(path, state)
+
+            def late() -> None:
+                print(sorted(snapshotd.load(path)), flush=True)
+
+            atexit.register(late)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "state.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['a', 'b']", done.stderr
