@@ -34,10 +34,12 @@ def write_durably(path: Path, buffer: np.ndarray[Any, Any], *, preallocate: bool
         os.close(fd)
 
 
-def read_into(path: Path, buffer: np.ndarray[Any, Any]) -> int:
-    """``readinto`` the whole file at ``path`` into ``buffer``; return the bytes read."""
+def read_into(path: Path, buffer: np.ndarray[Any, Any], offset: int = 0) -> int:
+    """``readinto`` the file at ``path`` from ``offset`` into ``buffer`` until it is full
+    or the file ends; return the bytes read."""
     view = buffer.data.cast("B")
     with open(path, "rb", buffering=0) as stream:
+        stream.seek(offset)
         done = 0
         while done < len(view):
             got = stream.readinto(view[done:])

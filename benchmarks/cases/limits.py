@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +101,8 @@ class Read(Bench):
         self.ctx = ctx
         self.cache = CacheState(cold=cold)
         self.path: Path = ctx.workdir / "raw.bin"
+        #: Where the state's bytes begin in the file.
+        self.start = 0
 
     def setup(self) -> None:
         write_durably(self.path, self.ctx.state.flat)
@@ -111,7 +112,7 @@ class Read(Bench):
         self.cache.prepare(self.path)
 
     def run(self) -> None:
-        got = read_into(self.path, self.ctx.state.scratch)
+        got = read_into(self.path, self.ctx.state.scratch, self.start)
         if got != self.ctx.state.nbytes:
             raise RuntimeError(f"read {got} of {self.ctx.state.nbytes} bytes")
 
@@ -135,26 +136,12 @@ class ReadSnapshotFile(Read):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx, cold=False)
         self.store = snapshotd.Store(ctx.workdir / "store-read")
-        self.start = 0
 
     def setup(self) -> None:
         self.store.commit("bench", self.ctx.state.arrays)
         (self.path,) = (version.path for version in self.store.versions("bench"))
         self.start = snapshot.read_header(self.path).data_start
         self.run()
-
-    def run(self) -> None:
-        view = self.ctx.state.scratch.data.cast("B")
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            done = 0
-            while done < len(view):
-                got = os.preadv(fd, [view[done:]], self.start + done)
-                if not got:
-                    raise RuntimeError(f"read {done} of {len(view)} bytes")
-                done += got
-        finally:
-            os.close(fd)
 
 
 @case(
