@@ -640,7 +640,7 @@ def _read_verified(fd: int, header: Header, source: str) -> np.ndarray[Any, Any]
     digested right after it was read, while still in the CPU cache, instead of reading
     the whole section from memory a second time. The pieces are shared out in lanes of
     about equal bytes, one a usable CPU (:mod:`snapshotd.lanes`), which read and digest
-    at once: 64 MiB in 8 ms instead of 12 on two cores. (Reading the next piece ahead
+    at once: 64 MiB in 8-11 ms instead of 12 on two cores. (Reading the next piece ahead
     in a helper thread while digesting this one was slower, 18 ms, and was dropped.)
 
     Raises:
