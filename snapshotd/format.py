@@ -355,6 +355,12 @@ class Header:
     def file_size(self) -> int:
         return self.data_start + self.layout.data_size
 
+    @property
+    def ordered_digests(self) -> list[str]:
+        """The digests in the layout's order, to compare with those found in one list
+        comparison (or a slice of one)."""
+        return [self.digests[name] for name in self.layout.names]
+
 
 class Template:
     """A header with its per-snapshot fields left open, prepared once per layout and tree.

@@ -620,7 +620,7 @@ def _check_then_copy(
 
     with lanes.Lanes(len(parts)) as pool:
         found = list(itertools.chain.from_iterable(pool.map(check, parts)))
-        expected = [header.digests[name] for name in layout.names]
+        expected = header.ordered_digests
         if found != expected:
             _mismatch(layout, 0, found, expected, source)
         pool.map(copy, parts)
@@ -649,8 +649,7 @@ def _read_verified(fd: int, header: Header, source: str) -> np.ndarray[Any, Any]
     layout = header.layout
     data = np.empty(layout.data_size, dtype=np.uint8)
     view = data.data
-    # The digests in layout order, to compare a group's with one list comparison.
-    expected = [header.digests[name] for name in layout.names]
+    expected = header.ordered_digests
 
     def read(pieces: Sequence[_Piece]) -> None:
         streamed = digester()
