@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from snapshotd import lanes
+
 __all__ = [
     "Mount",
     "default_workdir",
@@ -203,7 +205,8 @@ def describe_machine(workdir: Path) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "virtualized": _virtualized(),
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
+        # What snapshotd splits its work over: the affinity mask within any CPU quota.
+        "usable_cpus": lanes.usable_cpus(),
         "ram_bytes": _mem_total(),
         "kernel": platform.release(),
         "os": platform.system(),

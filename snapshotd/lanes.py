@@ -18,12 +18,15 @@ let go of the GIL for long, stays on the caller's thread.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TypeVar
+
+from snapshotd import quota
 
 _Part = TypeVar("_Part")
 _Result = TypeVar("_Result")
@@ -81,9 +84,21 @@ def _before(ends: Sequence[int], index: int) -> int:
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask, which ``taskset``, a systemd
-    ``CPUAffinity=`` or a container's cpuset narrows, not the machine's count."""
-    return len(os.sched_getaffinity(0))
+    """The CPUs this process may run on, not the machine's count: its affinity mask
+    (which ``taskset``, a systemd ``CPUAffinity=`` or a container's cpuset narrows), and
+    no more than its control group's CPU quota allows (``CPUQuota=``, a container's
+    ``--cpus``; :mod:`snapshotd.quota`)."""
+    affinity = len(os.sched_getaffinity(0))
+    allowed = _quota()
+    return affinity if allowed is None else min(affinity, allowed)
+
+
+@functools.cache
+def _quota() -> int | None:
+    # Read once a process: reading the control group's files costs about 0.1 ms, as
+    # much as loading a small state, and the count only shapes how work is split (a
+    # quota changed later makes the lanes queue for CPU time, not go wrong).
+    return quota.quota_cpus()
 
 
 class Lanes:

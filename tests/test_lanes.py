@@ -83,12 +83,6 @@ def test_lanes_cover_every_item_once_in_order_and_share_the_bytes(
         assert held <= share + max(sizes[index] for index in part)
 
 
-def test_usable_cpus_follows_the_affinity_mask() -> None:
-    import os
-
-    assert lanes.usable_cpus() == len(os.sched_getaffinity(0)) >= 1
-
-
 def test_each_part_runs_on_its_own_thread_and_results_keep_their_order() -> None:
     started = threading.Barrier(2, timeout=10)
 
