@@ -124,9 +124,10 @@ def register(
         target: an object with ``__getstate__``/``__setstate__``, a dict of named arrays
             (restored in place where shapes match), or ``None`` with ``get=``/``set=``.
         rename: for dict targets, stored name -> current name when resuming.
-        resume: ``True`` for the newest good snapshot, or a version number; the
-            environment variable ``SNAPSHOTD_RESUME`` (``latest`` or a number) does the
-            same. The state is loaded into the target before this returns.
+        resume: ``True`` for the newest good snapshot, or a version number. The
+            environment variable ``SNAPSHOTD_RESUME`` (``latest`` or a number), when set,
+            takes its place: ``snapshotd restore NAME --version V -- CMD`` sets it. The
+            state is loaded into the target before this returns.
         in_place: resume into the arrays the target's state holds now, where they fit:
             no second copy of the state in memory (``snapshot.restore_into``). For
             targets whose ``__getstate__`` returns their own arrays and whose
@@ -222,16 +223,22 @@ def _resume(
 
 
 def _resume_wish(resume: bool | int, environ_value: str) -> str | int | None:
+    """What to resume from: ``SNAPSHOTD_RESUME`` when it is set, else ``resume=``.
+
+    The variable wins because it belongs to this launch, where ``resume=`` is written
+    once in the script: ``snapshotd restore NAME --version V -- CMD`` sets it to ``V``
+    for a script that says ``resume=True``.
+    """
+    text = environ_value.strip()
+    if text == "latest" or text.isdigit():
+        return text
+    if text:
+        raise UsageError(f"SNAPSHOTD_RESUME must be 'latest' or a version number, not {text!r}")
     if resume is True:
         return "latest"
     if isinstance(resume, int) and resume is not False and resume > 0:
         return resume
-    text = environ_value.strip()
-    if not text:
-        return None
-    if text == "latest" or text.isdigit():
-        return text
-    raise UsageError(f"SNAPSHOTD_RESUME must be 'latest' or a version number, not {text!r}")
+    return None
 
 
 def _find_store(runtime: Path, store: Any) -> Store:

@@ -262,6 +262,39 @@ def test_restore_accepts_version_after_the_name_as_documented(filled: Sandbox) -
     assert result.returncode == 7, result.stderr
 
 
+RESUMING_SCRIPT = """
+import sys
+import numpy as np
+import snapshotd
+
+held = {"state": (np.zeros((4, 3)), np.zeros(5, dtype=np.int32), 0)}
+with snapshotd.register(
+    "alpha", None, get=lambda: held["state"], set=lambda s: held.update(state=s),
+    resume=True, runtime_dir=sys.argv[1],
+) as run:
+    print(run.resumed.version, run.resumed.step, held["state"][2])
+"""
+
+
+@pytest.mark.parametrize(("version", "expected"), [("1", "1 10 10"), (None, "3 30 30")])
+def test_restore_with_a_command_resumes_a_resume_true_script_from_the_version_asked(
+    filled: Sandbox, version: str | None, expected: str
+) -> None:
+    asked = ("--version", version) if version else ()
+    result = filled.cli(
+        "restore",
+        "alpha",
+        *asked,
+        "--",
+        sys.executable,
+        "-c",
+        RESUMING_SCRIPT,
+        str(filled.root / "script-run"),
+    )
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.split() == expected.split()
+
+
 # -- prune ------------------------------------------------------------------------------
 
 

@@ -919,14 +919,31 @@ def test_resume_from_the_environment(
     assert model.epoch == expected.version
 
 
+@pytest.mark.parametrize("resume", [True, 2, False])
+def test_the_resume_variable_overrides_resume_in_the_code(
+    runtime: Path,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    resume: bool | int,
+) -> None:
+    # `snapshotd restore NAME --version 1 -- CMD` sets it for a script with resume=True.
+    monkeypatch.setenv("SNAPSHOTD_RESUME", "1")
+    model = Model()
+    with snapshotd.register(
+        "resumed", model, resume=resume, store=store.root, runtime_dir=runtime
+    ) as run:
+        assert run.resumed == Resumed(1, 10)
+    assert model.epoch == 1
+
+
 def test_a_bad_resume_variable_is_a_usage_error(
     runtime: Path, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SNAPSHOTD_RESUME", "newest")
     with pytest.raises(UsageError, match="SNAPSHOTD_RESUME"):
         snapshotd.register("resumed", Model(), store=store.root, runtime_dir=runtime)
-    with snapshotd.register("resumed", Model(), runtime_dir=runtime, resume=2, store=store.root):
-        pass
+    with pytest.raises(UsageError, match="SNAPSHOTD_RESUME"):  # what this launch asked for
+        snapshotd.register("resumed", Model(), runtime_dir=runtime, resume=2, store=store.root)
 
 
 def test_resume_without_a_store_says_where_to_find_one(runtime: Path) -> None:
