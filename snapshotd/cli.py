@@ -28,6 +28,7 @@ from snapshotd.errors import (
     SnapshotdError,
     UsageError,
 )
+from snapshotd.names import check_name
 from snapshotd.store import Check, Store, Version
 
 __all__ = ["main"]
@@ -91,23 +92,26 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="config file (default: $SNAPSHOTD_CONFIG, then /etc/snapshotd/snapshotd.yaml)",
     )
-    common.add_argument("--store", type=Path, help="store directory (overrides the config's)")
+    # Only for the commands that open a store themselves; the others ask the daemon, which
+    # has its own, and would ignore it.
+    with_store = argparse.ArgumentParser(add_help=False, parents=[common])
+    with_store.add_argument("--store", type=Path, help="store directory (overrides the config's)")
     parser = argparse.ArgumentParser(
         prog="snapshotd",
         description="Periodic, versioned, crash-safe snapshots of running experiments.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (
-        _add_start,
-        _add_status,
-        _add_list,
-        _add_snapshot,
-        _add_restore,
-        _add_verify,
-        _add_prune,
-        _add_export,
+    for add, parent in (
+        (_add_start, with_store),
+        (_add_status, common),
+        (_add_list, with_store),
+        (_add_snapshot, common),
+        (_add_restore, with_store),
+        (_add_verify, with_store),
+        (_add_prune, with_store),
+        (_add_export, with_store),
     ):
-        add(commands, common)
+        add(commands, parent)
     return parser
 
 
@@ -213,8 +217,26 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(args.store or loaded.store)
 
 
+def _stored(store: Store) -> Store:
+    """``store``, for a command that reads it: a store that is not there is an error, not
+    an empty listing (a mistyped ``--store`` must not look like "nothing is wrong")."""
+    if not store.root.is_dir():
+        raise NoSnapshot(
+            f"there is no store at {store.root}: check --store or the config's 'store' "
+            "(snapshotd start makes it)"
+        )
+    return store
+
+
 def _names(store: Store, name: str | None) -> list[str]:
-    return [name] if name else store.names()
+    """``name`` if the store has a run of that name, else every run when none is given."""
+    if name is None:
+        return store.names()
+    known = store.names()
+    if check_name(name) not in known:
+        runs = ", ".join(known) if known else "none yet"
+        raise NoSnapshot(f"there is no run named {name!r} in {store.root} (runs: {runs})")
+    return [name]
 
 
 def _runtime(args: argparse.Namespace) -> tuple[configuration.Config | None, Path]:
@@ -330,6 +352,11 @@ def _snapshot(args: argparse.Namespace, out: TextIO) -> int:
 def _restore(args: argparse.Namespace, out: TextIO) -> int:
     if args.cmd:
         return _restore_by_starting(args, args.cmd)
+    if args.store is not None:
+        raise UsageError(
+            "--store is for restore NAME -- CMD ARGS...: a running experiment is restored "
+            "by its daemon, from the daemon's store"
+        )
     loaded, _runtime_dir = _runtime(args)
     wait = loaded.daemon.timeout.total_seconds() if loaded else 60.0
     result = _call(
@@ -356,7 +383,7 @@ def _restore_by_starting(args: argparse.Namespace, command: list[str]) -> int:
 
 
 def _list(args: argparse.Namespace, out: TextIO) -> int:
-    store = _store(args)
+    store = _stored(_store(args))
     rows = [v for name in _names(store, args.name) for v in store.versions(name)]
     if args.json:
         _print_json(out, [_version_json(v) for v in rows])
@@ -373,8 +400,8 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _verify(args: argparse.Namespace, out: TextIO) -> int:
-    store = _store(args)
-    checks = store.verify(args.name)
+    store = _stored(_store(args))
+    checks = [check for name in _names(store, args.name) for check in store.verify(name)]
     bad = [c for c in checks if not c.ok]
     if args.json:
         _print_json(
@@ -395,7 +422,7 @@ def _verify(args: argparse.Namespace, out: TextIO) -> int:
 
 def _prune(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load_config(args)
-    store = Store(args.store or loaded.store)
+    store = _stored(Store(args.store or loaded.store))
     report = []
     for name in _names(store, args.name):
         _schedule, policy = loaded.for_experiment(name)

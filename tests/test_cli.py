@@ -171,6 +171,15 @@ def test_list_works_without_a_daemon(filled: Sandbox) -> None:
     ]
 
 
+@pytest.mark.parametrize("command", [("status",), ("snapshot", "alpha")])
+def test_commands_that_ask_the_daemon_refuse_a_store_they_would_ignore(
+    filled: Sandbox, command: tuple[str, ...]
+) -> None:
+    result = filled.cli(*command, "--store", "nowhere")
+    assert result.returncode == EXIT_USAGE
+    assert "unrecognized arguments: --store" in result.stderr
+
+
 def test_read_commands_take_a_store_without_any_config(filled: Sandbox) -> None:
     # README: list, verify and export also take --store DIR (no config file needed).
     for command in (["list", "--json"], ["verify"], ["export", "beta", "-o", "beta.npz"]):
@@ -229,12 +238,28 @@ def test_export_works_without_a_daemon(filled: Sandbox) -> None:
         (("export", "alpha", "--version", "99", "-o", "out.npz"), EXIT_NO_SNAPSHOT),
         (("restore", "gamma", "--", sys.executable, "-c", "pass"), EXIT_NO_SNAPSHOT),
         (("list", "bad/name"), EXIT_USAGE),
+        (("list", ""), EXIT_USAGE),
+        # A mistyped name or store is not an empty answer ("0 checked, 0 bad").
+        (("list", "gamma"), EXIT_NO_SNAPSHOT),
+        (("verify", "gamma"), EXIT_NO_SNAPSHOT),
+        (("prune", "gamma"), EXIT_NO_SNAPSHOT),
+        (("list", "--store", "nowhere"), EXIT_NO_SNAPSHOT),
+        (("verify", "--store", "nowhere"), EXIT_NO_SNAPSHOT),
+        (("prune", "--store", "nowhere"), EXIT_NO_SNAPSHOT),
+        # The daemon restores from its own store: a --store here would be ignored.
+        (("restore", "alpha", "--store", "nowhere"), EXIT_USAGE),
     ],
 )
 def test_refusals_have_their_exit_codes(filled: Sandbox, args: tuple[str, ...], code: int) -> None:
     result = filled.cli(*args)
     assert result.returncode == code, (result.stdout, result.stderr)
-    assert_one_clean_line(result)
+    line = assert_one_clean_line(result)
+    if "gamma" in args and args[0] in ("list", "verify", "prune"):
+        assert "runs: alpha, beta" in line  # what there is instead
+    if "nowhere" in args:
+        expected = "--store is for restore NAME -- CMD" if args[0] == "restore" else "no store at"
+        assert expected in line
+        assert "--store" in line
 
 
 RESUME_PROBE = (
