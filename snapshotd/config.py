@@ -126,7 +126,7 @@ class Daemon:
     - ``timeout``: how long a snapshot request waits for a safe point (default 60s).
     - ``jitter``: random delay added to each scheduled snapshot, so many experiments on
       one schedule do not hit the disk at the same instant (default: 5% of the interval,
-      at most 5s; ``0s`` is not a duration, so leave it out or give a positive one).
+      at most 5s; ``0s``: none).
     - ``staging_budget``: bytes of state in flight at once across experiments; a snapshot
       that would exceed it is skipped and counted (default 8GiB).
     - ``max_io_failures``: consecutive failed commits after which the daemon exits
@@ -134,7 +134,8 @@ class Daemon:
     - ``rescan``: how often the runtime directory is rescanned, besides the file system
       events (default 2s).
     - ``allowed_uids``: uids whose experiments are served (default: the daemon's, root).
-    - ``log_level``: ``debug``, ``info``, ``warning`` or ``error`` (default ``info``).
+    - ``log_level``: ``debug``, ``info``, ``warning`` or ``error``, in any case (default
+      ``info``).
     """
 
     timeout: datetime.timedelta = datetime.timedelta(seconds=60)
@@ -196,8 +197,13 @@ class Config:
 # --- durations and cron -------------------------------------------------------------
 
 
-def parse_duration(text: str | int | float, key_path: str) -> datetime.timedelta:
-    """``"2h30m"`` or a number of seconds → timedelta; anything else is a ConfigError."""
+def parse_duration(
+    text: str | int | float, key_path: str, *, zero: bool = False
+) -> datetime.timedelta:
+    """``"2h30m"`` or a number of seconds → timedelta; anything else is a ConfigError.
+
+    A duration is positive, or also zero where ``zero`` says it means "none" (jitter).
+    """
     problem = f"expected {_DURATION_FORM}, got {_describe(text)}"
     match = _DURATION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
     try:
@@ -211,8 +217,10 @@ def parse_duration(text: str | int | float, key_path: str) -> datetime.timedelta
             raise ConfigError(key_path, problem)
     except (OverflowError, ValueError) as exc:
         raise ConfigError(key_path, f"{_describe(text)} is too long a duration") from exc
-    if span <= datetime.timedelta(0) or span % datetime.timedelta(milliseconds=1):
-        raise ConfigError(key_path, f"must be positive, in whole ms: {problem}")
+    if span < datetime.timedelta(0) or (span == datetime.timedelta(0) and not zero):
+        raise ConfigError(key_path, f"must be positive: {problem}")
+    if span % datetime.timedelta(milliseconds=1):
+        raise ConfigError(key_path, f"must be in whole ms: {problem}")
     return span
 
 
@@ -408,12 +416,12 @@ def _uids(value: object, path: str) -> frozenset[int]:
 
 _DAEMON: dict[str, Convert] = {
     "timeout": parse_duration,
-    "jitter": parse_duration,
+    "jitter": lambda value, path: parse_duration(value, path, zero=True),
     "staging_budget": parse_size,
     "max_io_failures": _count,
     "rescan": parse_duration,
     "allowed_uids": _uids,
-    "log_level": _text,
+    "log_level": lambda value, path: _text(value, path).lower(),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -555,3 +556,49 @@ def test_values_are_frozen(tmp_path: Path) -> None:
 )
 def test_default_path(environ: dict[str, str], expected: Path) -> None:
     assert default_path(environ) == expected
+
+
+# --- the shipped example, and the daemon section's forgiving spellings --------------
+
+EXAMPLE = Path(__file__).parents[1] / "config" / "example.yaml"
+
+
+def test_the_shipped_example_loads_names_every_key_and_says_the_defaults() -> None:
+    from snapshotd import config as configuration
+
+    text = EXAMPLE.read_text()
+    loaded = load(EXAMPLE)
+    # "all optional, shown with their defaults"
+    assert loaded.daemon == configuration.Daemon()
+    keys = [*configuration._TOP, "every", "cron", *configuration._KEEP, *configuration._DAEMON]
+    missing = [key for key in keys if not re.search(rf"^\s*#?\s*{key}:", text, re.MULTILINE)]
+    assert missing == []
+    every = configuration.DEFAULT_SCHEDULE.every
+    assert every is not None
+    assert f"Default: every {format_duration(every)}." in text
+    assert Policy(last=5) == configuration.DEFAULT_KEEP
+    assert "Default: last 5, and no other rule." in text
+
+
+def test_jitter_of_zero_turns_it_off_where_other_durations_must_be_positive(
+    tmp_path: Path,
+) -> None:
+    config = parse("store: x\ndaemon: {jitter: 0s}\n", base_dir=tmp_path)
+    assert config.daemon.jitter == td(0)
+    assert config.daemon.jitter_for(Schedule(every=td(minutes=10))) == 0.0
+    for text, key in (
+        ("daemon: {timeout: 0s}", "daemon.timeout: must be positive"),
+        ("schedule: {every: 0s}", "schedule.every: must be positive"),
+        ("daemon: {jitter: -1s}", "daemon.jitter"),
+        ("daemon: {jitter: -1}", "daemon.jitter: must be positive"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            parse(f"store: x\n{text}\n", base_dir=tmp_path)
+
+
+def test_log_level_in_any_case(tmp_path: Path) -> None:
+    assert parse("store: x\ndaemon: {log_level: INFO}\n", base_dir=tmp_path).daemon.log_level == (
+        "info"
+    )
+    with pytest.raises(ConfigError, match=r"daemon\.log_level"):
+        parse("store: x\ndaemon: {log_level: LOUD}\n", base_dir=tmp_path)
