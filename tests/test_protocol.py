@@ -15,6 +15,7 @@ import json
 import math
 import struct
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -293,6 +294,14 @@ def test_frame_header_bytes_are_pinned() -> None:
     body = b'{"type":"hello","role":"daemon","name":"a","pid":1}'
     assert data[:12] == b"SNPD\x02\x00\x00\x00" + len(body).to_bytes(4, "little")
     assert json.loads(data[12:]) == json.loads(body)
+
+
+def test_the_documented_example_frame_is_what_is_sent() -> None:
+    # docs/PROTOCOL.md shows the daemon's hello byte by byte, for writers of other peers.
+    doc = (Path(__file__).parents[1] / "docs" / "PROTOCOL.md").read_text()
+    line = next(line for line in doc.splitlines() if line.startswith("53 4E 50 44"))
+    header_hex, body = line[: line.index("{")], line[line.index("{") :]
+    assert encode(Hello("daemon", "mnist-lr", 4242)) == bytes.fromhex(header_hex) + body.encode()
 
 
 def test_decoder_accepts_any_key_order_and_whitespace() -> None:
