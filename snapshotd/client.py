@@ -101,6 +101,7 @@ class _Pending:
     id: int
     deadline: float
     push: Any = None  # the state tree of a Push
+    origin: Resumed | None = None  # the version and step a Push came from
 
 
 def register(
@@ -289,7 +290,8 @@ class Run:
 
     Attributes:
         name: the experiment's name.
-        resumed: the version and step it resumed from, or ``None``.
+        resumed: the version and step its state last came back from, or ``None``: the
+            resume at ``register``, or a snapshot pushed since (``snapshotd restore``).
         last_version: the newest version the daemon committed from this run, or ``None``.
     """
 
@@ -325,16 +327,23 @@ class Run:
 
     # -- the experiment's API ----------------------------------------------------------
 
-    def step(self, n: int) -> None:
+    def step(self, n: int) -> Resumed | None:
         """A safe point: the state is consistent here. Serves a pending request, if any.
 
         Cheap when nothing is pending (two attribute reads).
+
+        Returns:
+            ``None``, or, when ``snapshotd restore NAME`` pushed a snapshot and it replaced
+            the state here, that snapshot's version and step (also in :attr:`resumed`).
+            The next snapshots are labelled with the ``n`` given here, so a loop that
+            counts its own steps goes on from the returned ``step + 1``.
         """
         self._used_step = True
         if self._pending is not None:
             self._serve_pending(n)
         if self._push is not None:
-            self._apply_push()
+            return self._apply_push()
+        return None
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -454,8 +463,9 @@ class Run:
             return
         finally:
             os.close(fd)
+        origin = Resumed(push.version, push.step)
         with self._guard:
-            self._push = _Pending(push.id, time.monotonic() + push.timeout, tree)
+            self._push = _Pending(push.id, time.monotonic() + push.timeout, tree, origin)
         mode = self.mode()
         if mode == "none":
             self._apply_push()
@@ -465,22 +475,31 @@ class Run:
             finally:
                 self._mutex.release()
 
-    def _apply_push(self) -> None:
+    def _apply_push(self) -> Resumed | None:
+        """Replace the state with the pending push, if any; where it came from, if done."""
         with self._guard:
             push, self._push = self._push, None
         if push is None:
-            return
+            return None
         if time.monotonic() > push.deadline:
             self._service.send(PushDone(push.id, "no safe point came in time; not applied"))
-            return
+            return None
         try:
             self._target.set_state(push.push)
         except Exception as exc:  # the user's __setstate__ may raise anything
             log.error("%s: the pushed snapshot was not applied: %s", self.name, exc)
             self._service.send(PushDone(push.id, f"{type(exc).__name__}: {exc}"))
-            return
-        log.info("%s: restored a pushed snapshot", self.name)
+            return None
+        self.resumed = push.origin
+        if push.origin is not None:
+            log.info(
+                "%s: restored version %d (step %s), pushed by the daemon",
+                self.name,
+                push.origin.version,
+                push.origin.step,
+            )
         self._service.send(PushDone(push.id))
+        return push.origin
 
 
 def _read_push(push: Push, fd: int) -> Any:

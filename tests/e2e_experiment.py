@@ -18,6 +18,8 @@ exactly the weights of :func:`reference` ``(steps)``, bit for bit. The state tre
     step N LAST_VERSION        every --print-every steps, after run.step(N)
     applied T DIGEST SAFE N    the state was replaced (a push) while the loop was at step
                                N; its t is now T; SAFE is 1 inside run.step (a safe point)
+    pushed V S SAME N          run.step(N) returned the pushed snapshot's version V and
+                               step S; SAME is 1 if run.resumed says the same
     stalled N                  --stall-after: no run.step after step N, but stays alive
     crashing N                 --crash-after: exits at once (os._exit), leaving its socket
     done N                     --steps reached; the final state went to --out
@@ -173,8 +175,10 @@ def train(args: argparse.Namespace, stop: threading.Event) -> int:
             model.loop_step = n
             train_step(model, n)
             model.in_step = True
-            run.step(n)
+            pushed = run.step(n)
             model.in_step = False
+            if pushed is not None:
+                emit("pushed", pushed.version, pushed.step, int(run.resumed == pushed), n)
             if args.print_every and n % args.print_every == 0:
                 emit("step", n, run.last_version)
             if args.crash_after is not None and n >= args.crash_after:

@@ -262,6 +262,9 @@ def test_restore_pushes_a_snapshot_into_the_running_experiment(box: Sandbox) -> 
     assert int(t) == old.step
     assert applied == state_digest(box.store.load("exp", version=pushed))
     assert safe == "1", "the push was not applied at a safe point"
+    # ... and the loop was told, by run.step(), which snapshot its state now is.
+    told = exp.wait_for("pushed", 5)
+    assert (int(told[0]), int(told[1]), told[2], told[3]) == (pushed, old.step, "1", loop_step)
 
     # Training went on from the pushed state: replaying the steps since gives what the
     # next snapshot holds, bit for bit.
