@@ -71,6 +71,17 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return EXIT_STORE
 
 
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    logging.getLogger("snapshotd").warning("%s", message)
+
+
 def _show_warning(
     message: Warning | str,
     category: type[Warning],
@@ -266,6 +277,9 @@ def _start(args: argparse.Namespace, out: TextIO) -> int:
     if args.store is not None:
         loaded = dataclasses.replace(loaded, store=args.store)
     _configure_logging(loaded.daemon.log_level)
+    # A bad snapshot skipped or quarantined is a warning in the daemon's log (with its
+    # time and level, for journald), not a bare line on stderr.
+    warnings.showwarning = _log_warning
     from snapshotd.daemon import Daemon  # APScheduler and watchdog load only here
 
     daemon = Daemon(loaded, dict(os.environ))
@@ -362,6 +376,12 @@ def _restore(args: argparse.Namespace, out: TextIO) -> int:
     result = _call(
         args, "restore", {"name": args.name, "version": args.version}, timeout=wait + 30.0
     )
+    for version in result.get("skipped", []):
+        print(
+            f"snapshotd: warning: {args.name} v{version} failed verification and was moved "
+            "to quarantine; an older version was restored",
+            file=sys.stderr,
+        )
     print(f"restored {args.name} v{result['version']} (step {_step(result['step'])})", file=out)
     return EXIT_OK
 

@@ -566,7 +566,10 @@ class Daemon:
         tracked = self._get(name)
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise DaemonError("version must be a whole number", code=exitcode.USAGE)
+        # Newer versions than the one read were skipped: they failed verification.
+        listed = [v.version for v in self.store.versions(name)] if version is None else []
         loaded = self.store.read(name, version)
+        skipped = [v for v in listed if v > loaded.header.meta.version]
         timeout = self.config.daemon.timeout.total_seconds()
         if not tracked.in_flight.acquire(timeout=timeout):
             raise DaemonError(f"{name}: busy with a snapshot", code=exitcode.EXPERIMENT)
@@ -585,7 +588,7 @@ class Daemon:
             meta.version,
             meta.step,
         )
-        return {"version": meta.version, "step": meta.step}
+        return {"version": meta.version, "step": meta.step, "skipped": skipped}
 
     def _get(self, name: str) -> _Tracked:
         with self._guard:

@@ -4,7 +4,8 @@
 0     success
 1     ``verify`` found at least one bad snapshot
 2     usage or configuration error (nothing was done)
-3     no snapshot (or no good snapshot) to act on
+3     no snapshot (or no good snapshot) to act on; also when the version asked
+      for fails verification
 4     the store failed: an I/O error, a lock, a file we cannot read
 5     no daemon is running (``status``, ``snapshot``, ``restore NAME``); for
       ``start``: it stopped after repeated I/O failures (systemd restarts it)
@@ -24,6 +25,7 @@ from snapshotd.errors import (
     NoSnapshot,
     PeerError,
     PeerUnreachable,
+    SnapshotCorrupt,
     SnapshotdError,
     UsageError,
 )
@@ -54,7 +56,7 @@ def of(exc: SnapshotdError) -> int:
         return exc.code
     if isinstance(exc, ConfigError | UsageError):
         return USAGE
-    if isinstance(exc, NoSnapshot):
+    if isinstance(exc, NoSnapshot | SnapshotCorrupt):
         return NO_SNAPSHOT
     if isinstance(exc, PeerUnreachable) and exc.name == "daemon":
         return NO_DAEMON

@@ -325,8 +325,10 @@ class Store:
         try:
             return _read_verified(name, version, path, into)
         except SnapshotCorrupt as exc:
-            self._quarantine(run, version, path, exc.reason)
-            raise
+            moved = self._quarantine(run, version, path, exc.reason)
+            if moved is None:
+                raise
+            raise SnapshotCorrupt(str(path), f"{exc.reason}; moved to {moved}") from exc
 
     def verify(self, name: str | None = None) -> list[Check]:
         """Fully re-read and check every version (of ``name``, or of every run).
@@ -483,7 +485,9 @@ class Store:
             name, version, path, header.file_size, meta.step, meta.created, meta.safe_point
         )
 
-    def _quarantine(self, run: Path, version: int, path: Path, reason: str) -> None:
+    def _quarantine(self, run: Path, version: int, path: Path, reason: str) -> Path | None:
+        """Move a bad file aside, with its reason beside it; where it went (None: it could
+        not be moved, which is warned about)."""
         folder = run / _QUARANTINE
         try:
             _make_private_dir(folder)
@@ -502,6 +506,8 @@ class Store:
                 FallbackWarning,
                 stacklevel=3,
             )
+            return None
+        return target
 
 
 def _listed(run: Path) -> list[tuple[int, Path]]:

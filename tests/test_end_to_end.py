@@ -281,3 +281,38 @@ def test_restore_pushes_a_snapshot_into_the_running_experiment(box: Sandbox) -> 
     )
     assert daemon.stop() == 0
     assert exp.finish() == 0
+
+
+def test_a_live_restore_past_a_damaged_snapshot_says_so_and_a_damaged_one_asked_for_is_refused(
+    box: Sandbox,
+) -> None:
+    box.write_config(schedule={"every": "1h"}, keep={"last": 10})
+    daemon = box.start_daemon()
+    exp: ExperimentProcess = box.start_experiment("exp", "--sleep", "0.01")
+    wait_until(lambda: daemon.experiment("exp"), 3, "the daemon to track exp")
+    good, damaged = take(box), take(box)
+    path = box.store_dir / "exp" / f"v{damaged:06d}.safetensors"
+    with path.open("r+b") as f:  # one flipped bit in the last tensor's data
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    damage = path.read_bytes()
+
+    asked = box.cli("restore", "exp", "--version", str(damaged))
+    assert asked.returncode == 3, asked.stderr  # README: the version asked for is bad
+    assert "digest mismatch" in asked.stderr
+    assert "moved to" in asked.stderr
+    assert "quarantine" in asked.stderr
+
+    path.write_bytes(damage)  # the same damage, now found by a newest-first restore
+    newest = box.cli("restore", "exp")
+    assert newest.returncode == 0, newest.stderr
+    assert newest.stdout.strip().startswith(f"restored exp v{good} ")
+    assert f"exp v{damaged} failed verification and was moved to quarantine" in newest.stderr
+    exp.wait_for("applied", 5)
+    # In the daemon's log as a warning, with its level (journald's priority), not bare.
+    warned = [line for line in daemon.log if "WARNING" in line and f"version {damaged}" in line]
+    assert warned, "\n".join(daemon.log)
+    assert daemon.stop() == 0
+    assert exp.finish() == 0
