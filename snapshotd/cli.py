@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         parser.error("'-- CMD ARGS...' goes with restore only")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _warnings_to(_print_warning)
         try:
             handler: Handler = args.handler
             return handler(args, out)
@@ -71,26 +71,18 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return EXIT_STORE
 
 
-def _log_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: TextIO | None = None,
-    line: str | None = None,
-) -> None:
-    logging.getLogger("snapshotd").warning("%s", message)
+def _warnings_to(emit: Callable[[str], object]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that hands ``emit`` the message alone: a user reads what
+    went wrong, not the line of snapshotd that noticed it."""
+
+    def show(message: Warning | str, *where: object, **more: object) -> None:
+        emit(str(message))
+
+    return show
 
 
-def _show_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: TextIO | None = None,
-    line: str | None = None,
-) -> None:
-    print(f"snapshotd: warning: {message}", file=sys.stderr)
+def _print_warning(text: str) -> None:
+    print(f"snapshotd: warning: {text}", file=sys.stderr)
 
 
 # -- parsing -------------------------------------------------------------------------
@@ -279,7 +271,7 @@ def _start(args: argparse.Namespace, out: TextIO) -> int:
     _configure_logging(loaded.daemon.log_level)
     # A bad snapshot skipped or quarantined is a warning in the daemon's log (with its
     # time and level, for journald), not a bare line on stderr.
-    warnings.showwarning = _log_warning
+    warnings.showwarning = _warnings_to(logging.getLogger("snapshotd").warning)
     from snapshotd.daemon import Daemon  # APScheduler and watchdog load only here
 
     daemon = Daemon(loaded, dict(os.environ))

@@ -445,3 +445,18 @@ def test_commands_read_the_config_relative_to_its_own_directory(
     )
     assert result.returncode == EXIT_OK, result.stderr
     assert [v["version"] for v in json.loads(result.stdout)] == [1]
+
+
+def test_a_fallback_past_a_damaged_snapshot_is_one_warning_line(filled: Sandbox) -> None:
+    newest = filled.store_dir / "alpha" / "v000003.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 1
+    newest.write_bytes(bytes(data))
+    result = filled.cli("export", "alpha", "-o", "alpha.npz")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.strip().startswith("exported alpha v2 ")
+    # The message alone: no file and line of snapshotd's, no "FallbackWarning".
+    assert result.stderr.splitlines() == [
+        "snapshotd: warning: snapshot 'alpha' version 3 is bad (digest mismatch in tensor "
+        "'1'); moved to quarantine, falling back to an older version"
+    ]
