@@ -134,8 +134,15 @@ def _remove_stale(path: Path) -> None:
     except PeerUnreachable:
         path.unlink()
         return
-    probe.close()
-    raise DaemonError(f"another daemon is listening on {path}", code=4)
+    try:
+        pid = rendezvous.peer_of(probe.sock).pid
+    finally:
+        probe.close()
+    raise DaemonError(
+        f"another snapshotd daemon (pid {pid}) serves the runtime directory {path.parent}: "
+        f"stop it (kill -TERM {pid}), or give this one its own runtime_dir",
+        code=exitcode.STORE,
+    )
 
 
 def call(runtime: Path, verb: str, args: dict[str, Any] | None = None, *, timeout: float) -> Any:

@@ -198,9 +198,17 @@ class Daemon:
         )
 
     def _lock_store(self) -> None:
-        self.store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.store.root / _STORE_LOCK
-        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot use {self.store.root} as the store (the config's 'store', or "
+                f"--store): {exc.strerror or exc}; point it at a directory this user may "
+                "create and write",
+                str(self.store.root),
+            ) from exc
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -460,6 +460,26 @@ def test_a_second_daemon_on_the_same_store_refuses_to_start(box: Sandbox) -> Non
     other.write_text(box.config_text().replace(str(box.store_dir), str(box.root / "store2")))
     third = box.start_daemon(config=other, wait=False)
     assert third.wait(15) == 4, third.report()
-    assert any("another daemon is listening" in line for line in third.err.snapshot())
+    said = [line for line in third.err.snapshot() if "another snapshotd daemon" in line]
+    assert said, third.report()
+    # Which one, and what to do about it.
+    assert f"(pid {first.pid}) serves the runtime directory {box.runtime}" in said[0]
+    assert f"kill -TERM {first.pid}" in said[0]
+    assert "its own runtime_dir" in said[0]
     assert first.status()["pid"] == first.pid
     assert first.stop() == 0
+
+
+def test_a_store_that_cannot_be_made_says_which_key_and_what_to_do(box: Sandbox) -> None:
+    blocker = box.root / "a-file"
+    blocker.write_text("not a directory")
+    other = box.root / "other.yaml"
+    other.write_text(box.config_text().replace(str(box.store_dir), str(blocker / "store")))
+    daemon = box.start_daemon(config=other, wait=False)
+    assert daemon.wait(15) == 4, daemon.report()
+    lines = daemon.err.snapshot()
+    assert not [line for line in lines if line.startswith("Traceback")]
+    said = [line for line in lines if "as the store" in line]
+    assert said, lines
+    assert f"cannot use {blocker / 'store'} as the store (the config's 'store'" in said[0]
+    assert "Not a directory" in said[0]
