@@ -356,36 +356,43 @@ class Store:
         """Apply ``policy`` to ``name`` now; return one decision per version, newest first.
 
         The newest version that verifies anchors the policy and is always kept. Newer
-        versions that fail verification are quarantined first (reported, not moved, on a
-        dry run). Versions whose header cannot be read are quarantined, never deleted.
+        versions that fail verification, and versions whose header cannot be read, are
+        moved to quarantine, never deleted (on a dry run, only reported): their decision
+        keeps them, and its reason says why and where.
         """
         run = self._run_dir(check_name(name))
         if not run.is_dir():
             return []
         with self._locked(run):
-            candidates = self._prune_candidates(name, run, dry_run)
+            candidates, damaged = self._prune_candidates(name, run, dry_run)
             decisions = retention.plan(candidates, policy)
             if not dry_run:
                 self._delete(run, sorted(d.version for d in decisions if not d.keep))
-        return decisions
+        where = "would be moved to quarantine" if dry_run else "moved to quarantine"
+        quarantined = [
+            retention.Decision(v.version, True, (f"damaged ({problem}), {where}",))
+            for v, problem in damaged
+        ]
+        return sorted([*decisions, *quarantined], key=lambda d: d.version, reverse=True)
 
-    def _prune_candidates(self, name: str, run: Path, dry_run: bool) -> list[Version]:
+    def _prune_candidates(
+        self, name: str, run: Path, dry_run: bool
+    ) -> tuple[list[Version], list[tuple[Version, str]]]:
+        """The versions the policy judges, and those found damaged (with why), which
+        are moved to quarantine unless ``dry_run``."""
         found = _listed(run)
         present = {v for v, _ in found}
         for key in [k for k in self._described if k[0] == name and k[1] not in present]:
             del self._described[key]  # forget what was pruned or moved away
         listed = [self._describe(name, v, p) for v, p in found]
-        usable = []
-        for version in listed:
-            if version.problem is not None and not dry_run:
-                self._quarantine(run, version.version, version.path, version.problem)
-            elif version.problem is None:
-                usable.append(version)
+        usable = [version for version in listed if version.problem is None]
+        damaged = [(version, version.problem) for version in listed if version.problem]
         while usable and (problem := self._problem_of_newest(name, usable[-1])):
-            bad = usable.pop()
-            if not dry_run:
-                self._quarantine(run, bad.version, bad.path, problem)
-        return usable
+            damaged.append((usable.pop(), problem))
+        if not dry_run:
+            for version, why in damaged:
+                self._quarantine(run, version.version, version.path, why)
+        return usable, damaged
 
     def _problem_of_newest(self, name: str, newest: Version) -> str | None:
         # The newest version anchors the policy, so it must verify; one this store has

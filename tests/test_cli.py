@@ -460,3 +460,19 @@ def test_a_fallback_past_a_damaged_snapshot_is_one_warning_line(filled: Sandbox)
         "snapshotd: warning: snapshot 'alpha' version 3 is bad (digest mismatch in tensor "
         "'1'); moved to quarantine, falling back to an older version"
     ]
+
+
+def test_prune_says_which_versions_it_moved_to_quarantine(filled: Sandbox) -> None:
+    newest = filled.store_dir / "alpha" / "v000003.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 1
+    newest.write_bytes(bytes(data))
+    for flags, verb in ((("--dry-run",), "would be moved"), ((), "moved")):
+        result = filled.cli("prune", "alpha", *flags)
+        assert result.returncode == EXIT_OK, result.stderr
+        assert (
+            f"alpha v3: keep (damaged (digest mismatch in tensor '1'), {verb} to quarantine)"
+            in (result.stdout.splitlines())
+        )
+    assert not newest.exists()
+    assert (filled.store_dir / "alpha" / "quarantine" / newest.name).exists()

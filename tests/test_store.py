@@ -34,7 +34,7 @@ from snapshotd.errors import (
     UsageError,
 )
 from snapshotd.format import Layout
-from snapshotd.retention import Policy
+from snapshotd.retention import Decision, Policy
 from snapshotd.tree import flatten
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -557,6 +557,17 @@ def test_prune_keeps_the_newest_even_when_nothing_else_is_kept(store: snapshotd.
     assert [v.version for v in store.versions("run")] == [4]
 
 
+def kept_by_policy(decisions: list[Decision]) -> set[int]:
+    return {d.version for d in decisions if d.keep and not d.reasons[0].startswith("damaged")}
+
+
+def damaged(decisions: list[Decision]) -> dict[int, str]:
+    """The versions prune found damaged, with their one reason."""
+    return {
+        d.version: d.reasons[0] for d in decisions if d.reasons[:1] and "damaged" in d.reasons[0]
+    }
+
+
 def test_prune_never_lets_a_damaged_newest_version_anchor_the_policy(
     store: snapshotd.Store, root: Path
 ) -> None:
@@ -567,7 +578,10 @@ def test_prune_never_lets_a_damaged_newest_version_anchor_the_policy(
 
     decisions = store.prune("run", Policy(last=1))
 
-    assert {d.version for d in decisions if d.keep} == {3}
+    assert kept_by_policy(decisions) == {3}
+    # Reported, newest first, as moved (never deleted).
+    assert [d.version for d in decisions] == [4, 3, 2, 1]
+    assert damaged(decisions) == {4: "damaged (digest mismatch in tensor 'c'), moved to quarantine"}
     assert [v.version for v in store.versions("run")] == [3]
     assert [p.name for p in store.quarantined("run")] == ["v000004.safetensors"]
     assert store.load("run")["i"] == 2
@@ -592,7 +606,8 @@ def test_a_file_rewritten_with_its_mtime_set_back_is_not_trusted(
 
     decisions = store.prune("run", Policy(last=1))
 
-    assert {d.version for d in decisions if d.keep} == {3}
+    assert kept_by_policy(decisions) == {3}
+    assert list(damaged(decisions)) == [4]
     assert [p.name for p in store.quarantined("run")] == ["v000004.safetensors"]
 
 
@@ -644,8 +659,9 @@ def test_prune_quarantines_files_that_are_not_ours_and_never_deletes_them(
 
     decisions = store.prune("run", Policy(last=1))
 
-    assert {d.version for d in decisions if d.keep} == {5}
-    assert 3 not in {d.version for d in decisions}
+    assert kept_by_policy(decisions) == {5}
+    assert sorted(damaged(decisions)) == [3, 6]
+    assert all(why.endswith(", moved to quarantine") for why in damaged(decisions).values())
     assert_quarantined_intact(store, root, 3, middle)
     assert_quarantined_intact(store, root, 6, newest)
     assert [v.version for v in store.versions("run")] == [5]
@@ -658,9 +674,11 @@ def test_dry_run_prune_moves_and_deletes_nothing(store: snapshotd.Store, root: P
     planted = plant_random_file(root, "run", 5)
     before = {p.name: p.read_bytes() for p in (root / "run").iterdir()}
 
-    store.prune("run", Policy(last=1), dry_run=True)
+    decisions = store.prune("run", Policy(last=1), dry_run=True)
 
     assert {p.name: p.read_bytes() for p in (root / "run").iterdir()} == before
+    assert list(damaged(decisions)) == [5]  # reported all the same
+    assert damaged(decisions)[5].endswith(", would be moved to quarantine")
     assert file_of(root, "run", 5).read_bytes() == planted
 
 
