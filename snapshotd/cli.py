@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
@@ -103,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="snapshotd",
         description="Periodic, versioned, crash-safe snapshots of running experiments.",
     )
+    parser.add_argument("--version", action="version", version=f"snapshotd {_installed()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, parent in (
         (_add_start, with_store),
@@ -116,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
     ):
         add(commands, parent)
     return parser
+
+
+def _installed() -> str:
+    try:
+        return importlib.metadata.version("snapshotd")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
 
 
 def _add_start(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -255,8 +264,9 @@ def _call(args: argparse.Namespace, verb: str, payload: dict[str, Any], timeout:
     try:
         return control.call(runtime, verb, payload, timeout=timeout)
     except PeerUnreachable as exc:
+        start = "snapshotd start" + (f" --config {args.config}" if args.config else "")
         raise DaemonError(
-            f"no daemon is running for {runtime} ({exc}); start it with: snapshotd start",
+            f"no daemon is running for {runtime} ({exc}); start it with: {start}",
             code=EXIT_NO_DAEMON,
         ) from exc
 
@@ -345,6 +355,7 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _snapshot(args: argparse.Namespace, out: TextIO) -> int:
+    check_name(args.name)
     loaded, _runtime_dir = _runtime(args)
     wait = loaded.daemon.timeout.total_seconds() if loaded else 60.0
     result = _call(args, "snapshot", {"name": args.name}, timeout=wait + 30.0)
@@ -363,6 +374,7 @@ def _restore(args: argparse.Namespace, out: TextIO) -> int:
             "--store is for restore NAME -- CMD ARGS...: a running experiment is restored "
             "by its daemon, from the daemon's store"
         )
+    check_name(args.name)
     loaded, _runtime_dir = _runtime(args)
     wait = loaded.daemon.timeout.total_seconds() if loaded else 60.0
     result = _call(

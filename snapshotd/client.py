@@ -94,6 +94,13 @@ class Resumed:
     step: int | None
 
 
+#: Why a request was skipped when no safe point came, and what to do about it.
+_NO_SAFE_POINT = (
+    "no safe point (run.step) came in time: call run.step more often, or raise the "
+    "daemon's timeout (daemon.timeout)"
+)
+
+
 @dataclass
 class _Pending:
     """A request waiting for a safe point (or a push waiting to be applied)."""
@@ -384,7 +391,7 @@ class Run:
         if pending is None:
             return
         if time.monotonic() > pending.deadline:
-            self._service.send(Skipped(pending.id, "no safe point (run.step) came in time"))
+            self._service.send(Skipped(pending.id, _NO_SAFE_POINT))
             return
         self._send_state(pending.id, step, safe_point=True)
 
@@ -431,7 +438,7 @@ class Run:
             if push is not None and now > push.deadline:
                 self._push = None
         if pending is not None and now > pending.deadline:
-            self._service.send(Skipped(pending.id, "no safe point (run.step) came in time"))
+            self._service.send(Skipped(pending.id, _NO_SAFE_POINT))
         if push is not None and now > push.deadline:
             self._service.send(PushDone(push.id, "no safe point came in time; not applied"))
         deadlines = [p.deadline for p in (pending, push) if p is not None and now <= p.deadline]

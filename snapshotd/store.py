@@ -479,7 +479,9 @@ class Store:
             header = snapshot.read_header(path)
         except StoreError as exc:
             size = path.stat().st_size if path.exists() else 0
-            return Version(name, version, path, size, problem=str(exc))
+            # The reason alone: the version's path is beside it already.
+            why = exc.reason if isinstance(exc, SnapshotCorrupt) else str(exc)
+            return Version(name, version, path, size, problem=why)
         meta = header.meta
         if meta.version != version or meta.name != name:
             problem = (

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+import snapshotd
 from tests.daemon_harness import Sandbox, clean_env, snapshotd_command, wait_until
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE, EXIT_NO_SNAPSHOT, EXIT_NO_DAEMON, EXIT_EXPERIMENT = 0, 1, 2, 3, 5, 6
@@ -248,6 +249,9 @@ def test_export_works_without_a_daemon(filled: Sandbox) -> None:
         (("prune", "--store", "nowhere"), EXIT_NO_SNAPSHOT),
         # The daemon restores from its own store: a --store here would be ignored.
         (("restore", "alpha", "--store", "nowhere"), EXIT_USAGE),
+        # A name no experiment can have is the caller's mistake, not "not registered".
+        (("snapshot", "a/b"), EXIT_USAGE),
+        (("restore", "a/b"), EXIT_USAGE),
     ],
 )
 def test_refusals_have_their_exit_codes(filled: Sandbox, args: tuple[str, ...], code: int) -> None:
@@ -476,3 +480,28 @@ def test_prune_says_which_versions_it_moved_to_quarantine(filled: Sandbox) -> No
         )
     assert not newest.exists()
     assert (filled.store_dir / "alpha" / "quarantine" / newest.name).exists()
+
+
+def test_without_a_daemon_the_hint_starts_one_on_the_same_config(box: Sandbox) -> None:
+    result = box.cli("snapshot", "alpha")
+    assert result.returncode == EXIT_NO_DAEMON
+    assert assert_one_clean_line(result).endswith(
+        f"start it with: snapshotd start --config {box.config}"
+    )
+
+
+def test_version_flag() -> None:
+    result = subprocess.run(
+        [*snapshotd_command(), "--version"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"snapshotd {snapshotd.__version__}"
+
+
+def test_list_says_why_a_version_is_damaged_without_repeating_its_path(filled: Sandbox) -> None:
+    (filled.store_dir / "alpha" / "v000004.safetensors").write_bytes(b"\x00" * 100)
+    result = filled.cli("list", "alpha")
+    assert result.returncode == EXIT_OK, result.stderr
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("alpha  4 ")]
+    assert "damaged: " in row
+    assert str(filled.store_dir) not in row

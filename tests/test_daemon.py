@@ -326,6 +326,21 @@ def test_stopping_while_an_experiment_hangs_is_bounded_by_the_timeout(box: Sandb
     assert elapsed < 2 + 3, f"stopping took {elapsed:.1f}s with a 2s snapshot timeout"
 
 
+def test_a_snapshot_with_no_safe_point_in_time_says_what_to_change(box: Sandbox) -> None:
+    box.write_config(schedule={"every": "1h"}, daemon={"timeout": "1s", "rescan": "1s"})
+    daemon = box.start_daemon()
+    hung = box.start_experiment("hung", "--stall-after", "1")
+    hung.wait_for("stalled", 10)
+    wait_until(lambda: daemon.experiment("hung"), 4, "the daemon to track hung")
+    result = box.cli("snapshot", "hung")
+    assert result.returncode == 6, result.stderr
+    assert "no safe point (run.step) came in time" in result.stderr
+    assert "call run.step more often, or raise the daemon's timeout (daemon.timeout)" in (
+        result.stderr
+    )
+    assert daemon.stop() == 0
+
+
 def test_repeated_store_failures_make_the_daemon_exit_5(box: Sandbox) -> None:
     # cli.py: `start` exits 5 after max_io_failures consecutive failed commits, so that
     # its supervisor restarts it. The run's directory is a plain file: every commit fails.
