@@ -164,31 +164,62 @@ def register(
         resumed = _resume(name, adapted, resume, in_place, runtime, store)
         listener = rendezvous.bind_private(rendezvous.experiment_socket(runtime, name))
     except BaseException:
-        os.close(claim)
+        _release_name(rendezvous.experiment_lock(runtime, name), claim)
         raise
     return Run(name, adapted, listener, claim, runtime, resumed, consistency, allowed_uids)
 
 
 def _claim_name(runtime: Path, name: str) -> int:
-    """Hold ``<name>.lock`` for the life of the registration; clear a stale socket."""
+    """Hold ``<name>.lock`` for the life of the registration; clear a stale socket.
+
+    The file is removed when the registration ends (:func:`_release_name`), so a lock
+    taken on a file that was removed or replaced meanwhile is no claim: that is checked
+    after locking, and the claim tried again on the file now there.
+    """
     folder = rendezvous.experiments_dir(runtime)
     rendezvous.ensure_private_dir(runtime)
     rendezvous.ensure_private_dir(folder)
     lock_path = rendezvous.experiment_lock(runtime, name)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(
+                f"experiment {name!r} is already registered (pid {holder}); "
+                "close that run first or use another name"
+            ) from None
+        if _same_file(lock_path, fd):
+            break
         os.close(fd)
-        raise UsageError(
-            f"experiment {name!r} is already registered (pid {holder}); "
-            "close that run first or use another name"
-        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _reclaim_stale_socket(rendezvous.experiment_socket(runtime, name), name, fd)
     return fd
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """True when ``path`` is still the file open as ``fd``."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _release_name(lock_path: Path, claim: int) -> None:
+    """End a registration: remove its lock file while still holding it (so the runtime
+    directory does not fill with the names of runs long gone), then let go."""
+    try:
+        if _same_file(lock_path, claim):
+            lock_path.unlink()
+    except OSError:
+        pass  # left behind: harmless, the next claim of the name reuses it
+    finally:
+        os.close(claim)
 
 
 def _reclaim_stale_socket(path: Path, name: str, claim: int) -> None:
@@ -632,6 +663,7 @@ class _Service:
         self.name = run.name
         self._allowed = run._allowed
         self._socket_path = rendezvous.experiment_socket(run._runtime, run.name)
+        self._lock_path = rendezvous.experiment_lock(run._runtime, run.name)
         self._listener = listener
         self._claim = claim
         self._channel: Channel | None = None
@@ -693,9 +725,11 @@ class _Service:
                 closer()
         for newcomer in self._newcomers:
             newcomer.close()
-        for fd in (self._wake_r, self._wake_w, self._claim):
+        for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        with contextlib.suppress(OSError):
+            _release_name(self._lock_path, self._claim)
 
     def _loop(self) -> None:
         selector = selectors.DefaultSelector()

@@ -408,6 +408,52 @@ def test_socket_and_directories_are_private(runtime: Path) -> None:
         child.close()
 
 
+def test_a_registration_leaves_nothing_in_the_runtime_directory_when_it_ends(
+    runtime: Path, tmp_path: Path
+) -> None:
+    # Runs named by the hour must not fill the runtime directory with lock files.
+    with snapshotd.register("tidy", Model(), runtime_dir=runtime):
+        assert rendezvous.experiment_lock(runtime, "tidy").exists()
+    with pytest.raises(NoSnapshot):  # a failed registration, after the name was claimed
+        snapshotd.register("tidy", Model(), runtime_dir=runtime, resume=9, store=tmp_path)
+    assert list(rendezvous.experiments_dir(runtime).iterdir()) == []
+
+
+def test_a_name_is_never_held_twice_while_claims_and_releases_race(runtime: Path) -> None:
+    # A release removes the lock file it holds. A claimant that opened that file just
+    # before must not count its lock on the removed file as the name's.
+    from snapshotd.client import _claim_name, _release_name
+
+    lock = rendezvous.experiment_lock(runtime, "raced")
+    guard = threading.Lock()
+    holders: list[int] = []
+    most = 0
+    deadline = time.monotonic() + 2.0
+
+    def contend() -> None:
+        nonlocal most
+        while time.monotonic() < deadline:
+            try:
+                claim = _claim_name(runtime, "raced")
+            except UsageError:
+                continue
+            with guard:
+                holders.append(claim)
+                most = max(most, len(holders))
+            time.sleep(0.0002)  # held a moment, as a registration is
+            with guard:
+                holders.remove(claim)
+            _release_name(lock, claim)
+
+    threads = [threading.Thread(target=contend) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == 1
+    assert not lock.exists()
+
+
 def unix_sockets() -> dict[int, tuple[int, str]]:
     """inode -> (flags, path) of every Unix socket in this network namespace."""
     sockets = {}
