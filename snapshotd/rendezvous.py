@@ -4,7 +4,7 @@ Layout (directories 0700, sockets 0600)::
 
     <runtime_dir>/control.sock               the daemon's control socket
     <runtime_dir>/experiments/<name>.sock    one per registered experiment
-    <runtime_dir>/experiments/<name>.lock    flock'd by the live registration of <name>
+    <runtime_dir>/experiments/<name>.lock    flock'd by <name>'s registration, removed at its end
 
 The runtime directory comes from an argument, else ``$SNAPSHOTD_RUNTIME_DIR``, else
 ``$XDG_RUNTIME_DIR/snapshotd``, else ``/run/snapshotd`` for root and

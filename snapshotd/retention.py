@@ -73,8 +73,10 @@ class Policy:
         if not self.rules:
             raise ConfigError(
                 "keep",
-                "no rule is set; an empty policy would delete everything but the newest "
-                "snapshot (set last, hourly, daily, weekly, monthly, yearly, within or pinned)",
+                "no rule keeps anything: every count (last, hourly, daily, weekly, monthly, "
+                "yearly) is 0 and neither within nor pinned is set, which would delete "
+                "everything but the newest snapshot; set a count above 0 (last: 1 keeps "
+                "only the newest), within or pinned",
             )
 
     @property

@@ -332,9 +332,13 @@ def test_invalid_policy(kwargs: dict[str, Any], key_path: str) -> None:
     assert info.value.key_path == key_path
 
 
-def test_empty_policy_says_why() -> None:
-    with pytest.raises(ConfigError, match="would delete everything but the newest"):
-        Policy()
+@pytest.mark.parametrize("kwargs", [{}, {"last": 0}, {"last": 0, "daily": 0}])
+def test_empty_policy_says_why_and_what_to_set(kwargs: dict[str, Any]) -> None:
+    # keep: {last: 0} is written, but keeps nothing: "no rule is set" would mislead.
+    with pytest.raises(ConfigError, match="would delete everything but the newest") as info:
+        Policy(**kwargs)
+    assert "every count (last, hourly, daily, weekly, monthly, yearly) is 0" in str(info.value)
+    assert "last: 1 keeps only the newest" in str(info.value)
 
 
 VALID_TABLE: list[tuple[Policy, tuple[str, ...]]] = [
