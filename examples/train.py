@@ -86,14 +86,21 @@ def main() -> None:
         flush=True,
     )
     with run:
-        for step in range(start, args.steps):
+        step = start
+        while step < args.steps:
             loss = train_step(model, step)
-            run.step(step)
+            pushed = run.step(step)
+            if pushed is not None and pushed.step is not None:
+                # `snapshotd restore NAME` replaced the weights with those of a snapshot:
+                # go on from the step they were taken at.
+                print(f"restored version {pushed.version} (step {pushed.step})", flush=True)
+                step = pushed.step
             if step % 100 == 0:
                 print(
                     f"step {step}: loss {loss:.4f}, last snapshot v{run.last_version}", flush=True
                 )
             time.sleep(args.sleep)
+            step += 1
     if args.out:
         snapshotd.save(args.out, model, step=args.steps - 1)
     print("done", flush=True)
