@@ -381,10 +381,9 @@ def _restore(args: argparse.Namespace, out: TextIO) -> int:
         args, "restore", {"name": args.name, "version": args.version}, timeout=wait + 30.0
     )
     for version in result.get("skipped", []):
-        print(
-            f"snapshotd: warning: {args.name} v{version} failed verification and was moved "
-            "to quarantine; an older version was restored",
-            file=sys.stderr,
+        _print_warning(
+            f"{args.name} v{version} failed verification and was moved to quarantine; "
+            "an older version was restored"
         )
     print(f"restored {args.name} v{result['version']} (step {_step(result['step'])})", file=out)
     return EXIT_OK
