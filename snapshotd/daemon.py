@@ -575,7 +575,7 @@ class Daemon:
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise DaemonError("version must be a whole number", code=exitcode.USAGE)
         # Newer versions than the one read were skipped: they failed verification.
-        listed = [v.version for v in self.store.versions(name)] if version is None else []
+        listed = self.store.numbers(name) if version is None else []
         loaded = self.store.read(name, version)
         skipped = [v for v in listed if v > loaded.header.meta.version]
         timeout = self.config.daemon.timeout.total_seconds()

@@ -249,6 +249,10 @@ class Store:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _is_name(p.name))
 
+    def numbers(self, name: str) -> list[int]:
+        """The version numbers of ``name``'s files, oldest first, without reading them."""
+        return [version for version, _path in _listed(self._run_dir(check_name(name)))]
+
     def versions(self, name: str) -> list[Version]:
         """The listed versions of ``name``, oldest first (headers read, data not)."""
         run = self._run_dir(check_name(name))

@@ -611,6 +611,13 @@ def test_a_file_rewritten_with_its_mtime_set_back_is_not_trusted(
     assert [p.name for p in store.quarantined("run")] == ["v000004.safetensors"]
 
 
+def test_numbers_lists_the_files_without_reading_them(store: snapshotd.Store, root: Path) -> None:
+    commit_series(store, "run", 3, timedelta(hours=1))
+    (root / "run" / "v000002.safetensors").write_bytes(b"not a snapshot")
+    assert store.numbers("run") == [1, 2, 3]
+    assert store.numbers("nobody") == []
+
+
 def test_prune_of_an_unknown_run_does_nothing(store: snapshotd.Store, tmp_path: Path) -> None:
     assert store.prune("nobody", Policy(last=1)) == []
     assert list(tmp_path.iterdir()) == []
