@@ -9,7 +9,6 @@ commands prints one JSON document to stdout.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -23,6 +22,7 @@ from typing import Any, TextIO
 from snapshotd import config as configuration
 from snapshotd import control, exitcode, rendezvous
 from snapshotd.errors import (
+    ConfigError,
     DaemonError,
     NoSnapshot,
     PeerUnreachable,
@@ -251,16 +251,36 @@ def _names(store: Store, name: str | None) -> list[str]:
     return [name]
 
 
-def _runtime(args: argparse.Namespace) -> tuple[configuration.Config | None, Path]:
-    """The config (if one can be read) and the runtime directory the daemon uses."""
+def _daemon_settings(args: argparse.Namespace) -> tuple[Path, float]:
+    """The runtime directory the daemon uses, and how long it lets a snapshot wait for a
+    safe point (seconds), from the config if there is one.
+
+    A config that does not validate, as while it is being edited, is only warned about:
+    the daemon keeps running on its last good one, and these commands need no more of
+    the file than its ``runtime_dir``.
+    """
     path = args.config or configuration.default_path(os.environ)
-    loaded = configuration.load(path) if args.config or path.exists() else None
-    explicit = loaded.runtime_dir if loaded else None
-    return loaded, rendezvous.runtime_dir(explicit, os.environ)
+    if not (args.config or path.exists()):
+        return rendezvous.runtime_dir(None, os.environ), _DEFAULT_TIMEOUT
+    try:
+        loaded = configuration.load(path)
+    except ConfigError as exc:
+        explicit = configuration.runtime_dir_of(path)  # raises when even that is unreadable
+        _print_warning(
+            f"{exc}; going on with its runtime_dir (a running daemon keeps its last good config)"
+        )
+        return rendezvous.runtime_dir(explicit, os.environ), _DEFAULT_TIMEOUT
+    return rendezvous.runtime_dir(
+        loaded.runtime_dir, os.environ
+    ), loaded.daemon.timeout.total_seconds()
 
 
-def _call(args: argparse.Namespace, verb: str, payload: dict[str, Any], timeout: float) -> Any:
-    _loaded, runtime = _runtime(args)
+_DEFAULT_TIMEOUT = configuration.Daemon().timeout.total_seconds()
+
+
+def _call(
+    args: argparse.Namespace, runtime: Path, verb: str, payload: dict[str, Any], timeout: float
+) -> Any:
     try:
         return control.call(runtime, verb, payload, timeout=timeout)
     except PeerUnreachable as exc:
@@ -276,15 +296,13 @@ def _call(args: argparse.Namespace, verb: str, payload: dict[str, Any], timeout:
 
 def _start(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load_config(args)
-    if args.store is not None:
-        loaded = dataclasses.replace(loaded, store=args.store)
     _configure_logging(loaded.daemon.log_level)
     # A bad snapshot skipped or quarantined is a warning in the daemon's log (with its
     # time and level, for journald), not a bare line on stderr.
     warnings.showwarning = _warnings_to(logging.getLogger("snapshotd").warning)
     from snapshotd.daemon import Daemon  # APScheduler and watchdog load only here
 
-    daemon = Daemon(loaded, dict(os.environ))
+    daemon = Daemon(loaded, dict(os.environ), store=args.store)
     code = daemon.run()
     if daemon.abandoned:
         # A worker thread is still inside a commit we gave up on: do not wait for it.
@@ -302,13 +320,17 @@ def _configure_logging(level: str) -> None:
         level=getattr(logging, level.upper()),
         format=timed + "%(levelname)s %(name)s: %(message)s",
     )
-    # APScheduler logs every job run at INFO: our own lines say what happened.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # APScheduler logs every job run at INFO, and watchdog every file event at DEBUG: our
+    # own lines say what happened. (watchdog's would also feed themselves when the log
+    # file is in a watched directory: each line written is another event to log.)
+    for chatty in ("apscheduler", "watchdog"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> int:
     try:
-        status = _call(args, "status", {}, timeout=10.0)
+        runtime, _wait = _daemon_settings(args)
+        status = _call(args, runtime, "status", {}, timeout=10.0)
     except DaemonError as exc:
         if exc.code != EXIT_NO_DAEMON:
             raise
@@ -356,9 +378,8 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 
 def _snapshot(args: argparse.Namespace, out: TextIO) -> int:
     check_name(args.name)
-    loaded, _runtime_dir = _runtime(args)
-    wait = loaded.daemon.timeout.total_seconds() if loaded else 60.0
-    result = _call(args, "snapshot", {"name": args.name}, timeout=wait + 30.0)
+    runtime, wait = _daemon_settings(args)
+    result = _call(args, runtime, "snapshot", {"name": args.name}, timeout=wait + 30.0)
     if args.json:
         _print_json(out, result)
     else:
@@ -375,10 +396,9 @@ def _restore(args: argparse.Namespace, out: TextIO) -> int:
             "by its daemon, from the daemon's store"
         )
     check_name(args.name)
-    loaded, _runtime_dir = _runtime(args)
-    wait = loaded.daemon.timeout.total_seconds() if loaded else 60.0
+    runtime, wait = _daemon_settings(args)
     result = _call(
-        args, "restore", {"name": args.name, "version": args.version}, timeout=wait + 30.0
+        args, runtime, "restore", {"name": args.name, "version": args.version}, timeout=wait + 30.0
     )
     for version in result.get("skipped", []):
         _print_warning(

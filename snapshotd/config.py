@@ -35,7 +35,7 @@ import re
 import reprlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -527,7 +527,53 @@ def load(path: Path) -> Config:
         raise ConfigError(
             "", f"cannot read config file {path}: {why}; pass --config FILE or set SNAPSHOTD_CONFIG"
         ) from exc
-    return parse(text, base_dir=path.parent, source=path)
+    try:
+        return parse(text, base_dir=path.parent, source=path)
+    except ConfigError as exc:
+        # Name the file: the daemon's log and a shell script may not show which it was.
+        raise ConfigError(exc.key_path, exc.problem, source=path) from None
+
+
+def runtime_dir_of(path: Path) -> Path | None:
+    """Only the ``runtime_dir`` of the config file at ``path`` (None: not set), for the
+    commands that only talk to a running daemon: the rest of the file may be invalid,
+    as while it is being edited, and the daemon keeps running on its last good config.
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML, or ``runtime_dir`` is invalid.
+    """
+    path = path.absolute()
+    try:
+        document = _yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ConfigError("", f"cannot read the config file: {why}", source=path) from None
+    except ConfigError as exc:
+        raise ConfigError(exc.key_path, exc.problem, source=path) from None
+    if not isinstance(document, dict) or document.get("runtime_dir") is None:
+        return None
+    try:
+        return path.parent / Path(_text(document["runtime_dir"], "runtime_dir")).expanduser()
+    except ConfigError as exc:
+        raise ConfigError(exc.key_path, exc.problem, source=path) from None
+    except RuntimeError as exc:
+        raise ConfigError("runtime_dir", f"cannot expand ~: {exc}", source=path) from None
+
+
+def differences(old: Config, new: Config) -> list[str]:
+    """The keys whose values differ from ``old`` to ``new``, the daemon section's by
+    their own dotted names: ``["keep", "daemon.rescan"]``."""
+    changed = [
+        item.name
+        for item in fields(Config)
+        if item.name not in ("daemon", "source")
+        and getattr(old, item.name) != getattr(new, item.name)
+    ]
+    return changed + [
+        f"daemon.{item.name}"
+        for item in fields(Daemon)
+        if getattr(old.daemon, item.name) != getattr(new.daemon, item.name)
+    ]
 
 
 def default_path(environ: Mapping[str, str]) -> Path:

@@ -23,13 +23,16 @@ Threads and who owns what:
 
 Stopping (SIGTERM/SIGINT): ``STOPPING=1``, no new snapshots start, the ones in flight
 get ``stop_timeout`` seconds to finish; one that does not is abandoned (its temporary
-file is removed by the next start). SIGHUP or an edit of the config file reloads it; an
-invalid new config is logged and the old one keeps running.
+file is removed by the next start). SIGHUP or an edit of the config file reloads it (an
+edit once the file has been left alone for ``CONFIG_SETTLE`` seconds); an invalid new
+config is logged and the old one keeps running. Only the experiments whose schedule
+changed get a new timer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -85,6 +88,8 @@ _NEW_SOCKET_GRACE = 2.0
 #: How long a scheduled snapshot waits for its experiment's in-flight lock (a liveness
 #: check holds it briefly) before it is counted as skipped.
 _BUSY_WAIT = 0.25
+#: Seconds a config file must be left alone after an edit before it is read.
+CONFIG_SETTLE = 1.0
 
 
 @dataclass
@@ -126,7 +131,15 @@ def _iso(when: datetime | None) -> str | None:
 class Daemon:
     """One daemon process serving one config. Call :meth:`run` from the main thread."""
 
-    def __init__(self, config: configuration.Config, environ: dict[str, str]) -> None:
+    def __init__(
+        self, config: configuration.Config, environ: dict[str, str], *, store: Path | None = None
+    ) -> None:
+        """``store``, when given, is used instead of the config's (``start --store``)."""
+        #: The store and runtime directory the config file named, last time it was read:
+        #: a reload warns when they change, since they only take effect on a restart.
+        self._file_places = (config.store, config.runtime_dir)
+        if store is not None:
+            config = dataclasses.replace(config, store=store)
         self.config = config
         self.store = Store(config.store)
         self.runtime = rendezvous.runtime_dir(config.runtime_dir, environ)
@@ -139,6 +152,8 @@ class Daemon:
         self._budget = Budget(config.daemon.staging_budget)
         self._io_failures = 0
         self._exit_code = 0
+        #: Why the last reload failed, shown in the status line until one succeeds.
+        self._reload_problem: str | None = None
         # Snapshots run on their own pool, so experiments that hang until their timeout
         # can delay neither the heartbeat nor the rescan on the default pool.
         self._scheduler = BackgroundScheduler(
@@ -185,7 +200,7 @@ class Daemon:
             rendezvous.experiments_dir(self.runtime),
             self.config.source,
             on_sockets=lambda: self._events.put("rescan"),
-            on_config=lambda: self._events.put("reload"),
+            on_config=lambda: self._events.put("edited"),
         )
         self._watcher.start()
         self._scan()
@@ -242,18 +257,32 @@ class Daemon:
     def _loop(self) -> None:
         handlers: dict[str | int, Callable[[], None]] = {
             "rescan": self._scan,
-            "reload": self._reload,
+            "edited": self._reload,
             signal.SIGHUP: self._reload,
         }
+        # An edit of the config file is acted on once the file has been left alone for
+        # CONFIG_SETTLE seconds: one save raises two or three events, and a file written
+        # in parts must not be applied half-written (a prune under a half-written keep
+        # policy could delete what the whole one keeps). SIGHUP is acted on at once.
+        edited_at: float | None = None
         while True:
+            wait = 1.0 if edited_at is None else edited_at + CONFIG_SETTLE - time.monotonic()
             try:
-                event = self._events.get(timeout=1.0)
+                event = self._events.get(timeout=max(wait, 0.0))
             except queue.Empty:
-                continue
+                if edited_at is None or time.monotonic() < edited_at + CONFIG_SETTLE:
+                    continue
+                event, edited_at = "edited", None
+            else:
+                if event == "edited":
+                    edited_at = time.monotonic()
+                    continue
             if event in (signal.SIGTERM, signal.SIGINT, "fatal"):
                 name = event if isinstance(event, str) else signal.Signals(event).name
                 log.info("stopping (%s)", name)
                 return
+            if event == signal.SIGHUP:
+                edited_at = None  # this reload reads the edit too
             try:
                 handlers[event]()
             except Exception:  # one failed scan or reload must not stop the daemon
@@ -322,7 +351,10 @@ class Daemon:
             allowed_uids=self._allowed_uids(),
             io_timeout=IO_TIMEOUT,
         )
-        peer = _probe(experiment.path)
+        try:
+            peer = _probe(experiment.path)
+        except BlockingIOError:
+            peer = None  # listening, but too busy to answer now
         if peer is None:
             self._retry_soon(name)
             return  # stale (its process is gone), or bound but not listening yet
@@ -491,7 +523,10 @@ class Daemon:
         with self._guard:
             count = len(self._tracked)
             taken = sum(t.snapshots for t in self._tracked.values())
-        return f"{count} experiment(s), {taken} snapshot(s) taken"
+        line = f"{count} experiment(s), {taken} snapshot(s) taken"
+        if self._reload_problem is not None:
+            line += f"; config reload failed, the old config runs: {self._reload_problem}"
+        return line
 
     # -- reload --------------------------------------------------------------------------
 
@@ -503,37 +538,50 @@ class Daemon:
         try:
             new = configuration.load(source)
         except ConfigError as exc:
+            self._reload_problem = str(exc)
             log.error("reload failed, keeping the old config: %s", exc)
-            self._notifier.notify(READY=1, STATUS=f"reload failed: {exc}")
+            self._notifier.notify(READY=1, STATUS=self._status_line())
             return
-        if new != self.config:
-            self._apply(new)
+        self._reload_problem = None
+        self._apply(self._keep_places(new))
         self._notifier.notify(READY=1, STATUS=self._status_line())
 
-    def _apply(self, new: configuration.Config) -> None:
-        if new.store != self.config.store or new.runtime_dir != self.config.runtime_dir:
-            log.warning("store and runtime_dir changes take effect after a restart")
-            new = configuration.Config(
-                store=self.config.store,
-                runtime_dir=self.config.runtime_dir,
-                schedule=new.schedule,
-                keep=new.keep,
-                experiments=new.experiments,
-                daemon=new.daemon,
-                source=new.source,
+    def _keep_places(self, new: configuration.Config) -> configuration.Config:
+        """``new`` with the store and runtime directory in use: they change on a restart."""
+        places = (new.store, new.runtime_dir)
+        if places != self._file_places:
+            self._file_places = places
+            log.warning(
+                "store and runtime_dir changes take effect after a restart (still serving "
+                "store %s, runtime directory %s)",
+                self.store.root,
+                self.runtime,
             )
+        return dataclasses.replace(
+            new, store=self.config.store, runtime_dir=self.config.runtime_dir
+        )
+
+    def _apply(self, new: configuration.Config) -> None:
+        old, changed = self.config, configuration.differences(self.config, new)
+        if not changed:
+            log.info("config reloaded from %s: unchanged", new.source)
+            return
         self.config = new
         self._budget.limit = new.daemon.staging_budget
         logging.getLogger().setLevel(new.daemon.log_level.upper())
-        self._scheduler.reschedule_job(
-            "rescan",
-            trigger=IntervalTrigger(seconds=new.daemon.rescan.total_seconds(), timezone=UTC),
-        )
+        if "daemon.rescan" in changed:
+            self._scheduler.reschedule_job(
+                "rescan",
+                trigger=IntervalTrigger(seconds=new.daemon.rescan.total_seconds(), timezone=UTC),
+            )
         with self._guard:
             names = list(self._tracked)
+        # Only a changed schedule restarts its timer: an edit of anything else (a keep
+        # policy) must not put off every experiment's next snapshot by a whole interval.
         for name in names:
-            self._schedule(name)
-        log.info("config reloaded from %s", new.source)
+            if _timing(old, name) != _timing(new, name):
+                self._schedule(name)
+        log.info("config reloaded from %s: %s changed", new.source, ", ".join(changed))
 
     # -- control commands ----------------------------------------------------------------
 
@@ -608,6 +656,12 @@ class Daemon:
         return tracked
 
 
+def _timing(config: configuration.Config, name: str) -> tuple[configuration.Schedule, float]:
+    """What ``name``'s scheduled job is made from under ``config``: schedule and jitter."""
+    schedule, _policy = config.for_experiment(name)
+    return schedule, config.daemon.jitter_for(schedule)
+
+
 def _name_arg(args: dict[str, Any]) -> str:
     name = args.get("name")
     if not isinstance(name, str):
@@ -616,17 +670,29 @@ def _name_arg(args: dict[str, Any]) -> str:
 
 
 def _listening(path: Path) -> bool:
-    """True if something accepts connections at ``path`` (False for a stale socket)."""
-    return _probe(path) is not None
+    """False for a stale socket at ``path`` (nobody listens) or none; True while a
+    process listens there, also one that takes no connections now: a stopped or hung
+    experiment's queue fills up with probes and then refuses with EAGAIN at once, and
+    such a process is not gone (``kill -CONT`` brings it back)."""
+    try:
+        return _probe(path) is not None
+    except BlockingIOError:
+        return True
 
 
 def _probe(path: Path) -> rendezvous.Peer | None:
-    """Who listens at ``path`` (as the kernel saw them at ``listen``), or None if nobody."""
+    """Who listens at ``path`` (as the kernel saw them at ``listen``), or None if nobody.
+
+    Raises:
+        BlockingIOError: someone listens, but their queue of connections is full.
+    """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     probe.settimeout(1.0)
     try:
         probe.connect(os.fspath(path))
         return rendezvous.peer_of(probe)
+    except BlockingIOError:
+        raise
     except OSError:
         return None
     finally:

@@ -32,6 +32,8 @@ that touched the foreign thing, with ``raise X(...) from exc`` so the cause stay
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "CommitFailed",
     "ConfigError",
@@ -108,13 +110,19 @@ class ConfigError(SnapshotdError):
     Attributes:
         key_path: the offending key, dotted (``experiments.mnist-*.keep.last``); "" for
             the whole document.
+        source: the file, when the config was read from one; the message starts with it.
     """
 
-    def __init__(self, key_path: str, problem: str) -> None:
+    def __init__(
+        self, key_path: str, problem: str, source: str | os.PathLike[str] | None = None
+    ) -> None:
         where = key_path or "config"
-        super().__init__(f"{where}: {problem}")
+        super().__init__(
+            f"{os.fspath(source)}: {where}: {problem}" if source else f"{where}: {problem}"
+        )
         self.key_path = key_path
         self.problem = problem
+        self.source = None if source is None else os.fspath(source)
 
 
 class StoreError(SnapshotdError):

@@ -248,9 +248,17 @@ class DaemonProcess(Proc):
     """``snapshotd start --config FILE`` running in the foreground."""
 
     def __init__(
-        self, config: Path, runtime: Path, *, env: Mapping[str, str] | None = None, cwd: Path
+        self,
+        config: Path,
+        runtime: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path,
+        extra: Sequence[str] = (),
     ) -> None:
-        super().__init__([*snapshotd_command(), "start", "--config", str(config)], env=env, cwd=cwd)
+        """``extra``: more arguments for ``start`` (``--store DIR``)."""
+        command = [*snapshotd_command(), "start", "--config", str(config), *extra]
+        super().__init__(command, env=env, cwd=cwd)
         self.config = config
         self.runtime = runtime
 
@@ -451,9 +459,10 @@ class Sandbox:
         keep: Any = None,
         daemon: Any = None,
         experiments: Any = None,
+        store: str | None = None,
     ) -> str:
         document: dict[str, Any] = {
-            "store": str(self.store_dir),
+            "store": store or str(self.store_dir),
             "runtime_dir": str(self.runtime),
             "schedule": schedule if schedule is not None else {"every": "1s"},
             "keep": keep if keep is not None else {"last": 3},
@@ -471,12 +480,13 @@ class Sandbox:
         keep: Any = None,
         daemon: Any = None,
         experiments: Any = None,
+        store: str | None = None,
         atomic: bool = False,
     ) -> Path:
         """Write a config (``runtime_dir`` always explicit); ``atomic``: temp file + rename."""
         target = path or self.config
         text = self.config_text(
-            schedule=schedule, keep=keep, daemon=daemon, experiments=experiments
+            schedule=schedule, keep=keep, daemon=daemon, experiments=experiments, store=store
         )
         if atomic:
             temporary = target.with_name(f".{target.name}.new")
@@ -501,8 +511,11 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         wait: bool = True,
         timeout: float = 20.0,
+        extra: Sequence[str] = (),
     ) -> DaemonProcess:
-        daemon = DaemonProcess(config or self.config, self.runtime, env=env, cwd=self.root)
+        daemon = DaemonProcess(
+            config or self.config, self.runtime, env=env, cwd=self.root, extra=extra
+        )
         self._procs.append(daemon)
         if wait:
             daemon.wait_ready(timeout)

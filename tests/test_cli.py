@@ -85,7 +85,7 @@ def test_start_with_a_bad_config_exits_2_naming_the_key_path(box: Sandbox, case:
     result = box.cli("start", timeout=30)
     assert result.returncode == EXIT_USAGE, result.stderr
     line = assert_one_clean_line(result)
-    assert line.startswith(f"snapshotd: {key_path}: "), line
+    assert line.startswith(f"snapshotd: {box.config}: {key_path}: "), line
     assert bad_value in line, line
     # The daemon did not start: nothing was created.
     assert not box.runtime.exists()
@@ -123,7 +123,7 @@ def test_a_python_tag_error_names_its_key_path(box: Sandbox) -> None:
     result = box.cli("start", timeout=30)
     assert result.returncode == EXIT_USAGE
     line = assert_one_clean_line(result)
-    assert line.startswith("snapshotd: daemon.log_level: "), line
+    assert line.startswith(f"snapshotd: {box.config}: daemon.log_level: "), line
 
 
 def test_missing_config_file_exits_2(box: Sandbox) -> None:
@@ -404,6 +404,32 @@ def served(box: Sandbox) -> Sandbox:
     wait_until(lambda: daemon.experiment("exp"), 5, "the daemon to discover exp")
     assert box.cli("snapshot", "exp").stdout.strip() == "1"
     return box
+
+
+def test_the_daemons_commands_go_on_while_its_config_file_is_invalid(served: Sandbox) -> None:
+    # The daemon keeps its last good config while the file is being edited; the
+    # commands that only talk to it need nothing from the file but runtime_dir.
+    good = served.config.read_text()
+    served.config.write_text(good.replace("keep:", "keep:\n  hourli: 2"))
+    warning = (
+        f"snapshotd: warning: {served.config}: keep.hourli: unknown key 'hourli'; allowed keys: "
+    )
+    for args in (("status", "--json"), ("snapshot", "exp"), ("restore", "exp")):
+        result = served.cli(*args)
+        assert result.returncode == EXIT_OK, (args, result.stderr)
+        assert result.stderr.startswith(warning), (args, result.stderr)
+        assert result.stderr.count("\n") == 1, result.stderr
+    assert json.loads(served.cli("status", "--json").stdout)["running"] is True
+
+    # Without even YAML there is no runtime_dir to go on with: a usage error that says
+    # which file and where.
+    served.config.write_text("runtime_dir: [\n")
+    broken = served.cli("status")
+    assert broken.returncode == EXIT_USAGE
+    assert assert_one_clean_line(broken).startswith(
+        f"snapshotd: {served.config}: config: invalid YAML at line"
+    )
+    served.config.write_text(good)
 
 
 def test_push_restore_prints_what_it_restored(served: Sandbox) -> None:

@@ -15,11 +15,13 @@ from snapshotd.config import (
     Override,
     Schedule,
     default_path,
+    differences,
     format_duration,
     load,
     normalize_cron,
     parse,
     parse_duration,
+    runtime_dir_of,
 )
 from snapshotd.errors import ConfigError
 from snapshotd.retention import Policy
@@ -602,3 +604,51 @@ def test_log_level_in_any_case(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"daemon\.log_level"):
         parse("store: x\ndaemon: {log_level: LOUD}\n", base_dir=tmp_path)
+
+
+# -- reload support: what changed, and the runtime directory of a file being edited -----
+
+
+def test_differences_name_the_keys_that_changed_and_nothing_else(tmp_path: Path) -> None:
+    old = parse("store: s\nkeep: {last: 3}\n", base_dir=tmp_path)
+    assert differences(old, old) == []
+    assert differences(old, dataclasses.replace(old, source=tmp_path / "x.yaml")) == []
+    new = parse(
+        "store: s\nkeep: {last: 4}\nschedule: {every: 1h}\ndaemon: {rescan: 5s}\n",
+        base_dir=tmp_path,
+    )
+    assert differences(old, new) == ["schedule", "keep", "daemon.rescan"]
+
+
+def test_runtime_dir_of_reads_past_other_invalid_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("store: s\nruntime_dir: run\nkeep: {hourli: 2}\n")
+    with pytest.raises(ConfigError, match=r"keep\.hourli"):
+        load(path)
+    assert runtime_dir_of(path) == tmp_path / "run"
+    path.write_text("store: s\nkeep: {hourli: 2}\n")
+    assert runtime_dir_of(path) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path"),
+    [("runtime_dir: [\n", ""), ("runtime_dir: 5\n", "runtime_dir"), ("[1]: 2\n", "")],
+)
+def test_runtime_dir_of_refuses_what_it_cannot_use_naming_the_file(
+    tmp_path: Path, text: str, key_path: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        runtime_dir_of(path)
+    assert caught.value.key_path == key_path
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_runtime_dir_of_a_missing_file_or_a_document_without_one(tmp_path: Path) -> None:
+    missing = tmp_path / "none.yaml"
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(missing))}: config: cannot read"):
+        runtime_dir_of(missing)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    assert runtime_dir_of(listed) is None  # load() says what is wrong with it

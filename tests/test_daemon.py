@@ -12,6 +12,7 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from snapshotd import rendezvous
-from tests.daemon_harness import LOG_LINE, DaemonProcess, Sandbox, wait_until
+from tests.daemon_harness import (
+    LOG_LINE,
+    DaemonProcess,
+    Sandbox,
+    clean_env,
+    snapshotd_command,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -150,6 +158,31 @@ def test_a_killed_experiment_is_dropped_even_after_it_was_snapshotted(box: Sandb
     assert box.cli("snapshot", "exp").returncode == 0
     exp.kill()
     wait_until(lambda: daemon.experiment("exp") is None, 4, "the daemon to drop the dead exp")
+
+
+def test_a_stopped_experiment_stays_tracked_and_is_served_again_when_it_continues(
+    box: Sandbox,
+) -> None:
+    # A stopped (or hung) process takes no connections: the rescan's probes fill its
+    # queue, after which connecting fails at once with EAGAIN. That is not "gone".
+    box.write_config(schedule={"every": "1h"}, daemon={"timeout": "1s", "rescan": "200ms"})
+    daemon = box.start_daemon()
+    exp = box.start_experiment("exp")
+    wait_until(lambda: daemon.experiment("exp"), 3, "the daemon to track exp")
+    exp.send(signal.SIGSTOP)
+    try:
+        mark = len(daemon.log)
+        time.sleep(5.0)  # 25 rescans: more probes than the socket's queue holds (16)
+        assert daemon.experiment("exp") is not None, "a stopped experiment was dropped"
+        assert box.cli("snapshot", "exp").returncode != 0  # no safe point while stopped
+        time.sleep(1.0)
+        assert daemon.experiment("exp") is not None
+        assert not [line for line in daemon.log[mark:] if "no longer tracked" in line]
+    finally:
+        exp.send(signal.SIGCONT)
+    done = box.cli("snapshot", "exp")
+    assert done.returncode == 0, done.stderr
+    assert daemon.stop() == 0
 
 
 def test_an_experiment_listening_a_moment_after_binding_is_discovered(box: Sandbox) -> None:
@@ -456,6 +489,92 @@ def test_reloading_the_daemon_section_takes_effect(box: Sandbox) -> None:
     daemon.wait_log(r"config reloaded", 3, start=mark)
     exp.kill()  # never snapshotted: only a rescan notices that its socket went stale
     wait_until(lambda: daemon.experiment("exp") is None, 4, "a rescan at the new interval")
+
+
+def test_a_reload_that_changes_no_schedule_keeps_every_timer(box: Sandbox) -> None:
+    # Edits of the keep policy every few seconds must not put off snapshots for ever.
+    box.write_config(schedule={"every": "1h"}, daemon={"jitter": "0s"})
+    daemon = box.start_daemon()
+    box.start_experiment("exp")
+    entry = wait_until(lambda: daemon.experiment("exp"), 3, "the daemon to track exp")
+    before = entry["next_snapshot"]
+    time.sleep(1.1)  # a timer started again now would be due a second later
+    mark = len(daemon.log)
+    box.write_config(schedule={"every": "1h"}, keep={"last": 9}, daemon={"jitter": "0s"})
+    _, line = daemon.wait_log(r"INFO snapshotd\.daemon: config reloaded from (.*)", 5, start=mark)
+    assert daemon.experiment("exp")["next_snapshot"] == before  # type: ignore[index]
+    assert line.group(1).endswith(": keep changed"), line.group(0)
+
+    mark = len(daemon.log)
+    box.write_config(schedule={"every": "2h"}, keep={"last": 9}, daemon={"jitter": "0s"})
+    daemon.wait_log(r"config reloaded from .*: schedule changed$", 5, start=mark)
+    assert daemon.experiment("exp")["next_snapshot"] != before  # type: ignore[index]
+    assert daemon.stop() == 0
+
+
+def test_one_save_is_one_reload_and_a_file_written_in_parts_is_read_whole(box: Sandbox) -> None:
+    daemon = box.start_daemon()
+    box.start_experiment("exp")
+    wait_until(lambda: schedule_of(daemon, "exp") == "every 1s", 3, "exp on every 1s")
+    mark = len(daemon.log)
+    whole = box.config_text(schedule={"every": "3s"}, keep={"last": 7})
+    half = len(whole) // 2
+    with open(box.config, "w") as stream:  # two writes, 0.4 s apart, as a slow writer does
+        stream.write(whole[:half])
+        stream.flush()
+        time.sleep(0.4)
+        stream.write(whole[half:])
+    daemon.wait_log(r"config reloaded from ", 5, start=mark)
+    time.sleep(1.5)  # time for any further reload to show
+    reloads = [line for line in daemon.log[mark:] if "reload" in line]
+    assert len(reloads) == 1, reloads
+    assert reloads[0].endswith("schedule, keep changed"), reloads
+    assert schedule_of(daemon, "exp") == "every 3s"
+
+    mark = len(daemon.log)
+    daemon.send(signal.SIGHUP)  # nothing changed: it says so
+    daemon.wait_log(r"INFO snapshotd\.daemon: config reloaded from .*: unchanged$", 3, start=mark)
+    assert daemon.stop() == 0
+
+
+def test_a_store_given_on_the_command_line_is_not_reported_changed_on_reload(
+    box: Sandbox,
+) -> None:
+    other = box.root / "other-store"
+    daemon = box.start_daemon(extra=["--store", str(other)])
+    mark = len(daemon.log)
+    box.write_config(keep={"last": 4})
+    daemon.wait_log(r"config reloaded from .*: keep changed$", 5, start=mark)
+    assert not [line for line in daemon.log[mark:] if "after a restart" in line]
+
+    box.write_config(keep={"last": 4}, store="elsewhere")  # this one does need a restart
+    _, line = daemon.wait_log(r"WARNING .*take effect after a restart.*", 5, start=mark)
+    assert str(other) in line.group(0)  # and says what it still serves
+    assert daemon.stop() == 0
+
+
+def test_debug_logging_does_not_feed_on_its_own_log_file(box: Sandbox) -> None:
+    # watchdog logs every file event at DEBUG: with the log file beside the watched
+    # config, each line would be one more event to log.
+    box.write_config(daemon={"log_level": "debug"})
+    log_file = box.config.with_name("daemon.log")
+    with open(log_file, "wb") as stream:
+        daemon = subprocess.Popen(
+            [*snapshotd_command(), "start", "--config", str(box.config)],
+            cwd=box.root,
+            env=clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stream,
+        )
+    try:
+        wait_until(lambda: "serving store" in log_file.read_text(), 20, "the daemon to start")
+        time.sleep(3.0)
+        lines = log_file.read_text().splitlines()
+        assert len(lines) < 50, lines[-5:]
+        assert not [line for line in lines if " watchdog" in line], lines[:5]
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
 
 
 # -- one daemon per store and runtime directory -----------------------------------------

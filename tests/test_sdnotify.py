@@ -140,6 +140,32 @@ def test_the_daemon_speaks_sd_notify() -> None:
         assert early.finish() == 0
 
 
+def test_a_failed_reload_stays_in_the_status_line_until_one_succeeds() -> None:
+    # systemctl status shows the last STATUS=: a heartbeat must not wipe out the news
+    # that the daemon runs on an old config because the file on disk is invalid.
+    with Sandbox() as box:
+        real = box.write_config(box.root / "real.yaml")
+        link = box.root / "etc" / "snapshotd.yaml"  # unwatched: only SIGHUP reloads it
+        link.parent.mkdir()
+        link.symlink_to(real)
+        systemd = box.fake_systemd()
+        daemon = box.start_daemon(config=link, env={**systemd.env, "WATCHDOG_USEC": "900000"})
+        real.write_text(real.read_text().replace("every: 1s", "every: soon"))
+        daemon.send(signal.SIGHUP)
+        index, ready = systemd.wait("READY", timeout=5, after=len(systemd.received()))
+        assert "reload failed" in ready.fields["STATUS"], ready.fields
+        for _ in range(2):
+            index, beat = systemd.wait("WATCHDOG", timeout=3, after=index + 1)
+            assert "reload failed" in beat.fields["STATUS"], beat.fields
+            assert "schedule.every" in beat.fields["STATUS"], beat.fields
+        box.write_config(real)
+        daemon.send(signal.SIGHUP)
+        index, ready = systemd.wait("READY", timeout=5, after=index + 1)
+        index, beat = systemd.wait("WATCHDOG", timeout=3, after=index + 1)
+        assert "reload failed" not in ready.fields["STATUS"] + beat.fields["STATUS"]
+        assert daemon.stop() == 0
+
+
 def test_no_ready_when_the_daemon_cannot_start() -> None:
     with Sandbox() as box:
         box.write_config()

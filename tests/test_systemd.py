@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from snapshotd import exitcode, rendezvous
+
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 SHIPPED = {
     "snapshotd.service": UNITS / "snapshotd.service",
@@ -91,3 +93,22 @@ def test_system_units_are_hardened_without_hiding_the_sockets(name: str) -> None
 def test_template_reads_the_instance_config() -> None:
     text = SHIPPED["snapshotd@example.service"].read_text()
     assert "--config /etc/snapshotd/%i.yaml" in text
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_a_config_error_is_not_restarted_over_and_over(name: str) -> None:
+    # Exit code 2 means the config cannot be used: restarting cannot help, and five quick
+    # restarts would only bury the message under StartLimitBurst's.
+    lines = SHIPPED[name].read_text().splitlines()
+    assert f"RestartPreventExitStatus={exitcode.USAGE}" in lines
+    assert f"RestartPreventExitStatus={exitcode.NO_DAEMON}" not in lines  # I/O: restart
+
+
+@pytest.mark.parametrize("name", ["snapshotd.service", "snapshotd@example.service"])
+def test_system_units_point_the_daemon_at_the_runtime_directory_they_make(name: str) -> None:
+    # Without runtime_dir in the config the daemon would fall back to /tmp/snapshotd-UID
+    # (this user has no XDG_RUNTIME_DIR), which PrivateTmp hides from every experiment.
+    lines = SHIPPED[name].read_text().splitlines()
+    (made,) = [line.split("=", 1)[1] for line in lines if line.startswith("RuntimeDirectory=")]
+    assert f"Environment=SNAPSHOTD_RUNTIME_DIR=%t/{made}" in lines
+    assert rendezvous.runtime_dir(None, {"SNAPSHOTD_RUNTIME_DIR": "/run/x"}) == Path("/run/x")
