@@ -475,14 +475,23 @@ def _prune(args: argparse.Namespace, out: TextIO) -> int:
         _print_json(
             out,
             [
-                {"name": n, "version": d.version, "keep": d.keep, "reasons": list(d.reasons)}
+                {
+                    "name": n,
+                    "version": d.version,
+                    "action": d.action,
+                    "keep": d.keep,
+                    "reasons": list(d.reasons),
+                    "dry_run": args.dry_run,
+                }
                 for n, d in report
             ],
         )
         return EXIT_OK
     verb = "would delete" if args.dry_run else "deleted"
     for name, decision in report:
-        why = f"keep ({', '.join(decision.reasons)})" if decision.keep else verb
+        why = ", ".join(decision.reasons)
+        if not decision.damaged:  # a damaged one's reason says what happens to it
+            why = f"keep ({why})" if decision.keep else verb
         print(f"{name} v{decision.version}: {why}", file=out)
     return EXIT_OK
 

@@ -361,11 +361,20 @@ class Daemon:
         # Shown by status until the first snapshot connects for real (and checks the uid).
         experiment.pid = peer.pid
         self._refused.pop(name, None)
-        tracked = _Tracked(name, experiment)
+        tracked = _Tracked(name, experiment, last_version=self._newest_stored(name))
         with self._guard:
             self._tracked[name] = tracked
         self._schedule(name)
         log.info("%s: discovered; %s", name, self._describe_schedule(name))
+
+    def _newest_stored(self, name: str) -> int | None:
+        """The newest version of ``name`` in the store (not read, so not known good):
+        what ``status`` shows as its last version until this daemon takes one."""
+        try:
+            numbers = self.store.numbers(name)
+        except (StoreError, OSError):
+            return None
+        return numbers[-1] if numbers else None
 
     def _retry_soon(self, name: str) -> None:
         """Look again shortly at a socket that refused us when it was new.

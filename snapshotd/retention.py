@@ -107,11 +107,21 @@ class Candidate(Protocol):
 
 @dataclass(frozen=True)
 class Decision:
-    """The verdict on one version; ``reasons`` is empty exactly when it is to be deleted."""
+    """The verdict on one version; ``reasons`` is empty exactly when it is to be deleted.
+
+    ``damaged``: not judged by the policy at all, because the file failed verification;
+    it is kept, in quarantine (the store sets this, and its reason says why and where).
+    """
 
     version: int
     keep: bool
     reasons: tuple[str, ...]
+    damaged: bool = False
+
+    @property
+    def action(self) -> str:
+        """``keep``, ``delete`` or ``quarantine``."""
+        return "quarantine" if self.damaged else "keep" if self.keep else "delete"
 
 
 def plan(candidates: Iterable[Candidate], policy: Policy) -> list[Decision]:

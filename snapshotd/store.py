@@ -374,7 +374,7 @@ class Store:
                 self._delete(run, sorted(d.version for d in decisions if not d.keep))
         where = "would be moved to quarantine" if dry_run else "moved to quarantine"
         quarantined = [
-            retention.Decision(v.version, True, (f"damaged ({problem}), {where}",))
+            retention.Decision(v.version, True, (f"damaged ({problem}), {where}",), damaged=True)
             for v, problem in damaged
         ]
         return sorted([*decisions, *quarantined], key=lambda d: d.version, reverse=True)

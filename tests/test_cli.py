@@ -334,7 +334,10 @@ def test_prune_dry_run_says_why_and_deletes_nothing_then_prune_applies_keep(box:
     assert dry.returncode == EXIT_OK, dry.stderr
     decisions = {d["version"]: d for d in json.loads(dry.stdout)}
     assert {v for v, d in decisions.items() if d["keep"]} == {4, 5, 6}
-    assert all(d["reasons"] == [] for v, d in decisions.items() if v < 4)
+    assert all(
+        d["reasons"] == [] and d["action"] == "delete" for v, d in decisions.items() if v < 4
+    )
+    assert all(d["action"] == "keep" and d["dry_run"] for v, d in decisions.items() if v >= 4)
     assert "newest" in decisions[6]["reasons"]
     assert any(r.startswith("last ") for r in decisions[4]["reasons"])
     assert box.versions("alpha") == [1, 2, 3, 4, 5, 6]
@@ -498,11 +501,16 @@ def test_prune_says_which_versions_it_moved_to_quarantine(filled: Sandbox) -> No
     data[-1] ^= 1
     newest.write_bytes(bytes(data))
     for flags, verb in ((("--dry-run",), "would be moved"), ((), "moved")):
+        as_json = json.loads(filled.cli("prune", "alpha", "--json", "--dry-run").stdout)
+        assert [(e["version"], e["action"], e["dry_run"]) for e in as_json] == [
+            (3, "quarantine", True),
+            (2, "keep", True),
+            (1, "keep", True),
+        ]
         result = filled.cli("prune", "alpha", *flags)
         assert result.returncode == EXIT_OK, result.stderr
-        assert (
-            f"alpha v3: keep (damaged (digest mismatch in tensor '1'), {verb} to quarantine)"
-            in (result.stdout.splitlines())
+        assert f"alpha v3: damaged (digest mismatch in tensor '1'), {verb} to quarantine" in (
+            result.stdout.splitlines()
         )
     assert not newest.exists()
     assert (filled.store_dir / "alpha" / "quarantine" / newest.name).exists()
@@ -531,3 +539,31 @@ def test_list_says_why_a_version_is_damaged_without_repeating_its_path(filled: S
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("alpha  4 ")]
     assert "damaged: " in row
     assert str(filled.store_dir) not in row
+
+
+def _readme_json_keys() -> dict[str, set[str]]:
+    """The keys the README's ``--json`` table names for each command."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("With `--json` a command prints", 1)[1].split("\n\n", 2)[1]
+    keys = {}
+    for row in section.splitlines()[2:]:
+        command, prints = row.strip("|").split("|", 1)
+        keys[command.strip(" `")] = set(re.findall(r"`(\w+)`", prints))
+    return keys
+
+
+def test_the_readme_names_every_key_of_every_json_output(served: Sandbox) -> None:
+    documented = _readme_json_keys()
+    status = json.loads(served.cli("status", "--json").stdout)
+    (experiment,) = status["experiments"]
+    snapshot = json.loads(served.cli("snapshot", "exp", "--json").stdout)
+    listed = json.loads(served.cli("list", "--json").stdout)
+    verify = json.loads(served.cli("verify", "--json").stdout)
+    prune = json.loads(served.cli("prune", "--json").stdout)
+    assert documented == {
+        "status": set(status) | set(experiment),
+        "list": set(listed[0]),
+        "snapshot": set(snapshot),
+        "verify": set(verify) | set(verify["snapshots"][0]),
+        "prune": set(prune[0]),
+    }

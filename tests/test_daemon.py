@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -228,6 +229,24 @@ def test_a_connection_probe_does_not_break_the_daemons_session(box: Sandbox) -> 
     assert entry is not None
     failed = [line for line in daemon.log if "snapshot not taken" in line]
     assert entry["failures"] == 0, failed
+
+
+def test_status_shows_the_stored_last_version_of_an_experiment_found_after_a_restart(
+    box: Sandbox,
+) -> None:
+    box.write_config(schedule={"every": "1h"})
+    first = box.start_daemon()
+    box.start_experiment("exp")
+    wait_until(lambda: first.experiment("exp"), 3, "the daemon to track exp")
+    for _ in range(2):
+        assert box.cli("snapshot", "exp").returncode == 0
+    assert first.stop() == 0
+    second = box.start_daemon()
+    entry = wait_until(lambda: second.experiment("exp"), 3, "the new daemon to find exp")
+    assert (entry["last_version"], entry["snapshots"]) == (2, 0)
+    table = box.cli("status").stdout
+    assert re.search(r"^exp\s+\d+\s+every 1h\s+2\s", table, re.M), table
+    assert second.stop() == 0
 
 
 def test_a_restarted_daemon_rediscovers_the_live_experiment_undisturbed(box: Sandbox) -> None:
