@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snapshotd",
         description="Periodic, versioned, crash-safe snapshots of running experiments.",
+        epilog="exit codes: " + "; ".join(f"{code} {text}" for code, text in exitcode.MEANINGS),
     )
     parser.add_argument("--version", action="version", version=f"snapshotd {_installed()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -111,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         (_add_status, common),
         (_add_list, with_store),
         (_add_snapshot, common),
-        (_add_restore, with_store),
+        (_add_restore, common),
         (_add_verify, with_store),
         (_add_prune, with_store),
         (_add_export, with_store),
@@ -128,7 +129,14 @@ def _installed() -> str:
 
 
 def _add_start(commands: Any, common: argparse.ArgumentParser) -> None:
-    _command(commands, common, "start", "run the daemon in the foreground", _start)
+    _command(
+        commands,
+        common,
+        "start",
+        "run the daemon in the foreground; SIGTERM or SIGINT stops it, SIGHUP or saving "
+        "the config file reloads it",
+        _start,
+    )
 
 
 def _add_status(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -159,9 +167,19 @@ def _add_restore(commands: Any, common: argparse.ArgumentParser) -> None:
         "or with -- CMD ARGS... start CMD so that its register() resumes from it",
         _restore,
     )
+    sub.usage = (
+        "snapshotd restore [-h] [--config CONFIG] [--version V] [--store STORE] NAME "
+        "[--json | -- CMD ARGS...]"
+    )
     sub.add_argument("name", help="experiment")
     sub.add_argument("--version", type=int, help="version (default: the newest good one)")
-    sub.epilog = "restore NAME [--version V] -- CMD ARGS...: start CMD resuming from it"
+    sub.add_argument(
+        "--store",
+        type=Path,
+        help="with -- CMD only: the store to resume from (overrides the config's); a "
+        "running experiment is restored by its daemon, from the daemon's store",
+    )
+    sub.add_argument("--json", action="store_true", help="without -- CMD: print JSON")
 
 
 def _command(
@@ -197,7 +215,8 @@ def _add_prune(commands: Any, common: argparse.ArgumentParser) -> None:
         commands,
         common,
         "prune",
-        "apply the retention policy now and say why each is kept",
+        "apply the retention policy now; say why each version is kept, deleted or moved "
+        "to quarantine",
         _prune,
     )
     sub.add_argument("name", nargs="?", help="only this experiment")
@@ -207,7 +226,12 @@ def _add_prune(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def _add_export(commands: Any, common: argparse.ArgumentParser) -> None:
     sub = _command(
-        commands, common, "export", "write one snapshot as .safetensors or .npz", _export
+        commands,
+        common,
+        "export",
+        "write one snapshot as .safetensors (the file itself, with its tree and metadata) "
+        "or .npz (its arrays by name only)",
+        _export,
     )
     sub.add_argument("name", help="experiment")
     sub.add_argument("--version", type=int, help="version (default: the newest good one)")
@@ -276,6 +300,13 @@ def _daemon_settings(args: argparse.Namespace) -> tuple[Path, float]:
 
 
 _DEFAULT_TIMEOUT = configuration.Daemon().timeout.total_seconds()
+
+
+def _answer_within(timeout: float) -> float:
+    """How long to wait for the daemon's answer to a snapshot or restore, given its
+    ``daemon.timeout``: first the one already in flight may take that long, then this
+    one, then the commit or the load."""
+    return 2 * timeout + 60.0
 
 
 def _call(
@@ -379,7 +410,7 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 def _snapshot(args: argparse.Namespace, out: TextIO) -> int:
     check_name(args.name)
     runtime, wait = _daemon_settings(args)
-    result = _call(args, runtime, "snapshot", {"name": args.name}, timeout=wait + 30.0)
+    result = _call(args, runtime, "snapshot", {"name": args.name}, timeout=_answer_within(wait))
     if args.json:
         _print_json(out, result)
     else:
@@ -388,6 +419,8 @@ def _snapshot(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _restore(args: argparse.Namespace, out: TextIO) -> int:
+    if args.cmd and args.json:
+        raise UsageError("--json is for restore NAME: with -- CMD the output is CMD's")
     if args.cmd:
         return _restore_by_starting(args, args.cmd)
     if args.store is not None:
@@ -398,13 +431,20 @@ def _restore(args: argparse.Namespace, out: TextIO) -> int:
     check_name(args.name)
     runtime, wait = _daemon_settings(args)
     result = _call(
-        args, runtime, "restore", {"name": args.name, "version": args.version}, timeout=wait + 30.0
+        args,
+        runtime,
+        "restore",
+        {"name": args.name, "version": args.version},
+        timeout=_answer_within(wait),
     )
     for version in result.get("skipped", []):
         _print_warning(
             f"{args.name} v{version} failed verification and was moved to quarantine; "
             "an older version was restored"
         )
+    if args.json:
+        _print_json(out, result)
+        return EXIT_OK
     print(f"restored {args.name} v{result['version']} (step {_step(result['step'])})", file=out)
     return EXIT_OK
 
@@ -497,7 +537,8 @@ def _prune(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _export(args: argparse.Namespace, out: TextIO) -> int:
-    store = _store(args)
+    store = _stored(_store(args))
+    _names(store, args.name)
     version = store.export(args.name, args.output, args.version)
     print(f"exported {args.name} v{version} to {args.output}", file=out)
     return EXIT_OK

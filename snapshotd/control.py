@@ -145,23 +145,37 @@ def _remove_stale(path: Path) -> None:
     )
 
 
-def call(runtime: Path, verb: str, args: dict[str, Any] | None = None, *, timeout: float) -> Any:
-    """Send one command to the daemon and return its result.
-
-    Raises:
-        PeerUnreachable: no daemon is running on ``runtime``.
-        DaemonError: the daemon answered with an error (``.code`` is the exit code).
-    """
-    channel = connect(rendezvous.control_socket(runtime), "daemon", timeout=min(timeout, 5.0))
+def _reply(channel: Channel, verb: str, timeout: float) -> Reply:
+    """The daemon's reply to command 1: a daemon that took the command is running, so no
+    answer in time is not "no daemon" (the command may even still be at work)."""
     try:
-        channel.send(Hello("cli", "control", os.getpid()), timeout=5.0)
-        channel.send(Command(1, verb, args or {}), timeout=5.0)
         while True:
             message, fd = channel.receive(timeout)
             if fd is not None:
                 os.close(fd)
             if isinstance(message, Reply) and message.id == 1:
-                break
+                return message
+    except PeerUnreachable as exc:
+        raise DaemonError(
+            f"the daemon took the {verb} command but gave no answer in {timeout:g} s "
+            f"({exc}); it may still be at it: see snapshotd status and the daemon's log",
+            code=exitcode.EXPERIMENT,
+        ) from exc
+
+
+def call(runtime: Path, verb: str, args: dict[str, Any] | None = None, *, timeout: float) -> Any:
+    """Send one command to the daemon and return its result.
+
+    Raises:
+        PeerUnreachable: no daemon is running on ``runtime``.
+        DaemonError: the daemon answered with an error (``.code`` is the exit code), or
+            took the command and gave no answer within ``timeout`` seconds.
+    """
+    channel = connect(rendezvous.control_socket(runtime), "daemon", timeout=min(timeout, 5.0))
+    try:
+        channel.send(Hello("cli", "control", os.getpid()), timeout=5.0)
+        channel.send(Command(1, verb, args or {}), timeout=5.0)
+        message = _reply(channel, verb, timeout)
     finally:
         channel.close()
     if not message.ok:

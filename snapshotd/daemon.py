@@ -545,6 +545,9 @@ class Daemon:
             return
         self._notifier.notify(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
         try:
+            if not source.exists():
+                # Not load()'s advice to pass --config: this process already has one.
+                raise ConfigError("", f"{source} is gone; put it back, then send SIGHUP")
             new = configuration.load(source)
         except ConfigError as exc:
             self._reload_problem = str(exc)

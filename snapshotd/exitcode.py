@@ -33,6 +33,7 @@ from snapshotd.errors import (
 __all__ = [
     "BAD_SNAPSHOT",
     "EXPERIMENT",
+    "MEANINGS",
     "NO_DAEMON",
     "NO_SNAPSHOT",
     "OK",
@@ -40,6 +41,17 @@ __all__ = [
     "USAGE",
     "of",
 ]
+
+#: Each code with what it means, as ``snapshotd --help`` lists them.
+MEANINGS = (
+    (0, "success"),
+    (1, "verify found a bad snapshot"),
+    (2, "usage or config error"),
+    (3, "no (good) snapshot to act on"),
+    (4, "the store failed"),
+    (5, "no daemon running (start: stopped after repeated I/O failures)"),
+    (6, "the experiment is not registered, did not answer or skipped"),
+)
 
 OK = 0
 BAD_SNAPSHOT = 1

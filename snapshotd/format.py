@@ -541,10 +541,26 @@ def header_length(prefix: bytes, file_size: int, source: str) -> int:
         raise SnapshotCorrupt(source, f"file is {file_size} bytes, shorter than the 8-byte prefix")
     (length,) = struct.unpack("<Q", prefix[:8])
     if length > MAX_HEADER_BYTES:
-        raise SnapshotCorrupt(source, f"header length {length} exceeds {MAX_HEADER_BYTES}")
+        raise SnapshotCorrupt(
+            source, f"header length {length} exceeds {MAX_HEADER_BYTES}{_what_else(prefix)}"
+        )
     if 8 + length > file_size:
-        raise SnapshotCorrupt(source, f"header length {length} runs past the end of the file")
+        raise SnapshotCorrupt(
+            source, f"header length {length} runs past the end of the file{_what_else(prefix)}"
+        )
     return int(length)
+
+
+#: The first bytes of files that are mistaken for snapshots most often.
+_OTHER_FORMATS = ((b"PK\x03\x04", "a zip archive (.npz)"), (b"\x93NUMPY", "a .npy file"))
+
+
+def _what_else(prefix: bytes) -> str:
+    """What a file whose length prefix makes no sense is, as far as its first bytes say."""
+    for magic, kind in _OTHER_FORMATS:
+        if prefix.startswith(magic):
+            return f": this is {kind}, not a safetensors file"
+    return ": not a safetensors file, or a damaged one"
 
 
 def decode_header(region: bytes, file_size: int, source: str) -> Header:

@@ -424,13 +424,15 @@ class Store:
         scalars that are not numpy values and the tree structure are not in it.
 
         Raises:
-            UsageError: the destination has another suffix.
+            UsageError: the destination has another suffix, or its directory is missing.
         """
         target = Path(destination)
         if target.suffix not in (".safetensors", ".npz"):
             raise UsageError(
                 f"export to .safetensors or .npz, not {target.suffix or target.name!r}"
             )
+        if not target.parent.is_dir():
+            raise UsageError(f"cannot export to {target}: there is no directory {target.parent}")
         loaded = self.read(name, version)
         if target.suffix == ".npz":
             _write_npz(target, loaded.arrays)

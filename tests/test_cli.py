@@ -20,6 +20,7 @@ import pytest
 import safetensors.numpy
 
 import snapshotd
+from snapshotd import exitcode
 from tests.daemon_harness import Sandbox, clean_env, snapshotd_command, wait_until
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE, EXIT_NO_SNAPSHOT, EXIT_NO_DAEMON, EXIT_EXPERIMENT = 0, 1, 2, 3, 5, 6
@@ -295,6 +296,7 @@ RESUMING_SCRIPT = """
 import sys
 import numpy as np
 import snapshotd
+from snapshotd import exitcode
 
 held = {"state": (np.zeros((4, 3)), np.zeros(5, dtype=np.int32), 0)}
 with snapshotd.register(
@@ -441,6 +443,15 @@ def test_push_restore_prints_what_it_restored(served: Sandbox) -> None:
     assert re.fullmatch(r"restored exp v1 \(step \d+\)\n", result.stdout), result.stdout
 
 
+def test_restore_json_is_for_the_push_only(served: Sandbox) -> None:
+    pushed = served.cli("restore", "exp", "--version", "1", "--json")
+    assert pushed.returncode == EXIT_OK, pushed.stderr
+    assert json.loads(pushed.stdout)["version"] == 1
+    started = served.cli("restore", "exp", "--json", "--", sys.executable, "-c", "pass")
+    assert started.returncode == EXIT_USAGE
+    assert "--json is for restore NAME" in assert_one_clean_line(started)
+
+
 def test_push_restore_accepts_version_after_the_name_as_documented(served: Sandbox) -> None:
     # `snapshotd restore NAME [--version V]` (SPEC §3): the parser takes `--version 1`
     # for a command to start instead of an option.
@@ -560,10 +571,36 @@ def test_the_readme_names_every_key_of_every_json_output(served: Sandbox) -> Non
     listed = json.loads(served.cli("list", "--json").stdout)
     verify = json.loads(served.cli("verify", "--json").stdout)
     prune = json.loads(served.cli("prune", "--json").stdout)
+    restore = json.loads(served.cli("restore", "exp", "--json").stdout)
+    assert (restore["version"], restore["skipped"]) == (2, [])
     assert documented == {
+        "restore NAME": set(restore),
         "status": set(status) | set(experiment),
         "list": set(listed[0]),
         "snapshot": set(snapshot),
         "verify": set(verify) | set(verify["snapshots"][0]),
         "prune": set(prune[0]),
     }
+
+
+def test_help_lists_every_exit_code_and_restore_shows_its_command_form() -> None:
+    def help_of(*args: str) -> str:
+        result = subprocess.run(
+            [*snapshotd_command(), *args, "--help"], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        return " ".join(result.stdout.split())
+
+    codes = {v for k, v in vars(exitcode).items() if k.isupper() and isinstance(v, int)}
+    assert {code for code, _text in exitcode.MEANINGS} == codes
+    text = help_of()
+    for code, meaning in exitcode.MEANINGS:
+        assert f"{code} {meaning}" in text
+    assert "NAME [--json | -- CMD ARGS...]" in help_of("restore")
+    assert "SIGHUP" in help_of("start")
+
+
+def test_export_of_an_unknown_run_names_the_runs_there(filled: Sandbox) -> None:
+    result = filled.cli("export", "nope", "-o", str(filled.root / "x.npz"))
+    assert result.returncode == EXIT_NO_SNAPSHOT
+    assert "(runs: alpha" in assert_one_clean_line(result)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotd import rendezvous
+from snapshotd import control, exitcode, rendezvous
+from snapshotd.errors import DaemonError
 from tests.daemon_harness import (
     LOG_LINE,
     DaemonProcess,
@@ -556,6 +557,22 @@ def test_one_save_is_one_reload_and_a_file_written_in_parts_is_read_whole(box: S
     assert daemon.stop() == 0
 
 
+def test_a_deleted_config_keeps_the_old_one_and_says_how_to_bring_the_file_back(
+    box: Sandbox,
+) -> None:
+    daemon = box.start_daemon()
+    mark = len(daemon.log)
+    text = box.config.read_text()
+    box.config.unlink()
+    _, line = daemon.wait_log(r"ERROR snapshotd\.daemon: reload failed.*", 5, start=mark)
+    assert line.group(0).endswith(f"{box.config} is gone; put it back, then send SIGHUP")
+    assert "--config" not in line.group(0)  # the advice for a command line, not a daemon
+    mark = len(daemon.log)
+    box.config.write_text(text.replace("last: 3", "last: 2"))
+    daemon.wait_log(r"config reloaded from .*: keep changed$", 5, start=mark)
+    assert daemon.stop() == 0
+
+
 def test_a_store_given_on_the_command_line_is_not_reported_changed_on_reload(
     box: Sandbox,
 ) -> None:
@@ -636,3 +653,19 @@ def test_a_store_that_cannot_be_made_says_which_key_and_what_to_do(box: Sandbox)
     assert said, lines
     assert f"cannot use {blocker / 'store'} as the store (the config's 'store'" in said[0]
     assert "Not a directory" in said[0]
+
+
+def test_a_daemon_that_takes_a_command_but_does_not_answer_is_not_called_absent(
+    box: Sandbox,
+) -> None:
+    daemon = box.start_daemon()
+    daemon.send(signal.SIGSTOP)  # the kernel still queues the connection and the command
+    try:
+        with pytest.raises(DaemonError) as caught:
+            control.call(box.runtime, "status", timeout=1.0)
+    finally:
+        daemon.send(signal.SIGCONT)
+    assert caught.value.code == exitcode.EXPERIMENT
+    assert "took the status command but gave no answer in 1 s" in str(caught.value)
+    assert "no daemon" not in str(caught.value)
+    assert daemon.stop() == 0

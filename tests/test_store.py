@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -798,3 +799,30 @@ def test_an_arena_with_tensors_bigger_than_a_write_unit_round_trips(
     loaded = store.load("run", version)
     for name, array in state.items():
         np.testing.assert_array_equal(loaded[name], array)
+
+
+def test_export_into_a_missing_directory_says_so_and_writes_nothing(
+    store: snapshotd.Store, tmp_path: Path
+) -> None:
+    store.commit("run", state_of(1))
+    with pytest.raises(UsageError, match=r"there is no directory .*nowhere$"):
+        store.export("run", tmp_path / "nowhere" / "out.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+@pytest.mark.parametrize(
+    ("write", "kind"),
+    [
+        (lambda path, a: np.savez(path, w=a), "a zip archive (.npz)"),
+        (lambda path, a: np.save(path, a), "a .npy file"),
+        (lambda path, a: path.write_bytes(b"\xff" * 64), "not a safetensors file, or a damaged"),
+    ],
+)
+def test_loading_a_file_of_another_format_says_what_it_is(
+    tmp_path: Path, write: Any, kind: str
+) -> None:
+    path = tmp_path / "weights.bin"
+    write(path, np.arange(1000.0))
+    written = next(tmp_path.iterdir())  # np.save adds .npy, np.savez .npz
+    with pytest.raises(SnapshotCorrupt, match=re.escape(kind)):
+        snapshotd.load(written)
