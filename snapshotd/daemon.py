@@ -31,6 +31,7 @@ changed get a new timer.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -88,6 +89,8 @@ _NEW_SOCKET_GRACE = 2.0
 #: How long a scheduled snapshot waits for its experiment's in-flight lock (a liveness
 #: check holds it briefly) before it is counted as skipped.
 _BUSY_WAIT = 0.25
+#: How many experiments that are no longer tracked ``status`` lists.
+LEFT_SHOWN = 20
 #: Seconds a config file must be left alone after an edit before it is read.
 CONFIG_SETTLE = 1.0
 
@@ -147,6 +150,9 @@ class Daemon:
         self._notifier = Notifier(environ)
         self._events: queue.SimpleQueue[str | int] = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
+        #: Experiments no longer tracked, newest first, for ``status``: a run that
+        #: crashed must not just vanish from it.
+        self._left: collections.deque[dict[str, Any]] = collections.deque(maxlen=LEFT_SHOWN)
         self._refused: dict[str, float] = {}  # name -> when its socket first refused us
         self._guard = threading.Lock()
         self._budget = Budget(config.daemon.staging_budget)
@@ -364,6 +370,8 @@ class Daemon:
         tracked = _Tracked(name, experiment, last_version=self._newest_stored(name))
         with self._guard:
             self._tracked[name] = tracked
+            for entry in [e for e in self._left if e["name"] == name]:
+                self._left.remove(entry)
         self._schedule(name)
         log.info("%s: discovered; %s", name, self._describe_schedule(name))
 
@@ -409,11 +417,23 @@ class Daemon:
         else:
             return  # a snapshot in flight will find out for itself
         if gone:
-            self._untrack(name, "its process is gone")
+            self._untrack(name, "its process is gone", crashed=True)
 
-    def _untrack(self, name: str, why: str) -> None:
+    def _untrack(self, name: str, why: str, *, crashed: bool = False) -> None:
+        """Stop serving ``name``; ``crashed``: it ended without closing its registration."""
         with self._guard:
             tracked = self._tracked.pop(name, None)
+            if tracked is not None:
+                self._left.appendleft(
+                    {
+                        "name": name,
+                        "pid": tracked.experiment.pid,
+                        "left": _iso(datetime.now(UTC)),
+                        "why": why,
+                        "crashed": crashed,
+                        "last_version": tracked.last_version,
+                    }
+                )
         if tracked is None:
             return
         if self._scheduler.get_job(name) is not None:
@@ -612,6 +632,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         with self._guard:
             tracked = list(self._tracked.values())
+            left = [dict(entry) for entry in self._left]
         experiments = []
         for item in tracked:
             job = self._scheduler.get_job(item.name)
@@ -627,6 +648,7 @@ class Daemon:
             "io_failures": self._io_failures,
             "staging_in_use": self._budget.in_use,
             "experiments": experiments,
+            "left": left,
         }
 
     def restore(self, name: str, version: Any) -> dict[str, Any]:

@@ -565,8 +565,17 @@ def _readme_json_keys() -> dict[str, set[str]]:
 
 def test_the_readme_names_every_key_of_every_json_output(served: Sandbox) -> None:
     documented = _readme_json_keys()
-    status = json.loads(served.cli("status", "--json").stdout)
+    brief = served.start_experiment("brief")  # one that crashes, for status's "left"
+
+    def status_of() -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(served.cli("status", "--json").stdout)
+        return document
+
+    wait_until(lambda: len(status_of()["experiments"]) == 2, 5, "the daemon to find brief")
+    brief.kill()
+    status = wait_until(lambda: (s := status_of())["left"] and s, 5, "brief to be dropped")
     (experiment,) = status["experiments"]
+    (left,) = status["left"]
     snapshot = json.loads(served.cli("snapshot", "exp", "--json").stdout)
     listed = json.loads(served.cli("list", "--json").stdout)
     verify = json.loads(served.cli("verify", "--json").stdout)
@@ -575,7 +584,7 @@ def test_the_readme_names_every_key_of_every_json_output(served: Sandbox) -> Non
     assert (restore["version"], restore["skipped"]) == (2, [])
     assert documented == {
         "restore NAME": set(restore),
-        "status": set(status) | set(experiment),
+        "status": set(status) | set(experiment) | set(left),
         "list": set(listed[0]),
         "snapshot": set(snapshot),
         "verify": set(verify) | set(verify["snapshots"][0]),

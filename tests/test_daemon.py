@@ -160,6 +160,17 @@ def test_a_killed_experiment_is_dropped_even_after_it_was_snapshotted(box: Sandb
     assert box.cli("snapshot", "exp").returncode == 0
     exp.kill()
     wait_until(lambda: daemon.experiment("exp") is None, 4, "the daemon to drop the dead exp")
+    # status still shows it, as a run that ended without closing, and how to resume it.
+    (left,) = daemon.status()["left"]
+    assert (left["name"], left["pid"], left["last_version"]) == ("exp", exp.pid, 1)
+    assert (left["why"], left["crashed"]) == ("its process is gone", True)
+    text = box.cli("status").stdout
+    assert f"left: exp (pid {exp.pid}) at " in text
+    assert "its process is gone; last version 1; to resume it: snapshotd restore exp --" in text
+    again = box.start_experiment("exp")
+    wait_until(lambda: daemon.experiment("exp"), 3, "the daemon to track exp again")
+    assert daemon.status()["left"] == []
+    again.kill()
 
 
 def test_a_stopped_experiment_stays_tracked_and_is_served_again_when_it_continues(
