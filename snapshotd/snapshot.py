@@ -518,8 +518,11 @@ class _open_regular:
         self.fd = -1
 
     def __enter__(self) -> tuple[int, int]:
+        # O_NONBLOCK: opening a FIFO planted under a snapshot's name would otherwise wait
+        # for a writer forever. It means nothing for a regular file's reads.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.fd = os.open(self.path, flags)
             info = os.fstat(self.fd)
         except OSError as exc:
             self.__exit__()

@@ -153,6 +153,24 @@ def _cut_writes(max_bytes: int, seed: int) -> Callable[[], int]:
     return lambda: cut[0]
 
 
+def _cut_pwrites(max_bytes: int, seed: int) -> Callable[[], int]:
+    """Make every ``os.pwrite`` in this process a real short write of 1..max_bytes bytes
+    (the header goes out with ``pwrite``); returns a function counting the cut calls."""
+    real_pwrite = os.pwrite
+    rng = random.Random(seed)
+    cut = [0]
+
+    def short_pwrite(fd: int, data: ReadableBuffer, offset: int) -> int:
+        view = memoryview(data).cast("B")
+        written = real_pwrite(fd, view[: rng.randint(1, max_bytes)], offset)
+        if written < view.nbytes:
+            cut[0] += 1
+        return written
+
+    os.pwrite = short_pwrite
+    return lambda: cut[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("root", help="the store's root directory")

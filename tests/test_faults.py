@@ -26,6 +26,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,25 @@ def test_short_writes_still_produce_a_correct_file(tmp_path: Path) -> None:
     assert int(cut) >= 50, f"only {cut} writes were cut short: the test tested little"
 
 
+def test_short_header_writes_still_produce_a_correct_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The header (hundreds of KB for thousands of arrays) goes out with pwrite at offset
+    # 0 after the data: every one of its writes is cut short here, for real.
+    rng = np.random.default_rng(4)
+    state = {f"a{i}": rng.standard_normal(4) for i in range(3000)}
+    monkeypatch.setattr(os, "pwrite", os.pwrite)  # restored after the test
+    cut = committer._cut_pwrites(1000, seed=6)
+
+    snapshotd.save(tmp_path / "many.safetensors", state)
+
+    assert cut() >= 100, f"only {cut()} header writes were cut short"
+    loaded = snapshotd.load(tmp_path / "many.safetensors")
+    assert loaded.keys() == state.keys()
+    for key, array in state.items():
+        np.testing.assert_array_equal(loaded[key], array)
+
+
 def test_short_writes_across_batches_of_many_small_arrays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -339,3 +359,77 @@ def test_full_file_system_fails_the_commit_cleanly(small_filesystem: Path) -> No
     store.prune(NAME, Policy(last=1))
     version = store.commit(NAME, committer.state_for(SEED, 99, weights), step=99)
     assert version == max(acked) + 1
+
+
+# -- what prune and quarantine do to a directory is made durable -----------------------
+
+
+def fsyncs_after(trace: str, directory: Path, changes: str) -> tuple[int, int]:
+    """(index of the last ``changes`` call in ``directory``, index of the last fsync of
+    ``directory`` itself), over the lines of an ``strace -y`` log."""
+    lines = trace.splitlines()
+    changed = [
+        i
+        for i, line in enumerate(lines)
+        if re.match(r"(\d+ +)?" + changes, line) and str(directory) in line
+    ]
+    synced = [
+        i
+        for i, line in enumerate(lines)
+        if re.search(rf"fsync\(\d+<{re.escape(str(directory))}>\)", line)
+    ]
+    assert changed, f"no {changes} in {directory}:\n{trace}"
+    assert synced, f"{directory} was never fsynced:\n{trace}"
+    return changed[-1], synced[-1]
+
+
+@pytest.mark.strace
+def test_a_prune_fsyncs_the_run_directory_after_its_unlinks(tmp_path: Path, strace: str) -> None:
+    before = two_versions(tmp_path / "store")
+    log = tmp_path / "strace.log"
+    prefix = [strace, "-f", "-y", "-o", str(log), "-e", "trace=unlink,unlinkat,fsync"]
+    result = run_child(prefix, before, "--keep-last", 1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [p.name for p in before.run.glob("v*")] == [file_name(3)]
+    last_unlink, last_fsync = fsyncs_after(log.read_text(), before.run, r"unlink(at)?\(")
+    assert last_fsync > last_unlink, "the unlinks were never made durable"
+
+
+@pytest.mark.strace
+def test_a_quarantine_fsyncs_both_directories_after_the_move(tmp_path: Path, strace: str) -> None:
+    before = two_versions(tmp_path / "store")
+    newest = before.run / file_name(2)
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 1
+    newest.write_bytes(bytes(data))
+    log = tmp_path / "strace.log"
+    load = "import sys, warnings, snapshotd; warnings.simplefilter('ignore'); "
+    load += f"snapshotd.Store(sys.argv[1]).load({NAME!r})"
+    result = subprocess.run(
+        [
+            strace,
+            "-f",
+            "-y",
+            "-o",
+            str(log),
+            "-e",
+            "trace=rename,renameat,renameat2,fsync",
+            sys.executable,
+            "-c",
+            load,
+            str(before.root),
+        ],
+        env=committer.environment(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    trace = log.read_text()
+    moved, synced = fsyncs_after(trace, before.run, r"rename")
+    assert synced > moved, "the move out of the run directory was never made durable"
+    quarantine = before.run / "quarantine"
+    assert (quarantine / file_name(2)).exists()
+    moved_in, synced_in = fsyncs_after(trace, quarantine, r"rename")
+    assert synced_in > moved_in, "the move into quarantine was never made durable"

@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from snapshotd.errors import (
     NoSnapshot,
     SnapshotCorrupt,
     StateError,
+    StoreError,
     UsageError,
 )
 from snapshotd.format import Layout
@@ -826,3 +828,86 @@ def test_loading_a_file_of_another_format_says_what_it_is(
     written = next(tmp_path.iterdir())  # np.save adds .npy, np.savez .npz
     with pytest.raises(SnapshotCorrupt, match=re.escape(kind)):
         snapshotd.load(written)
+
+
+# -- what is not ours under a snapshot's name is never followed or read ------------------
+
+
+def test_a_symlink_under_a_snapshots_name_is_not_listed_or_read(
+    store: snapshotd.Store, tmp_path: Path
+) -> None:
+    for i in range(3):
+        store.commit("run", state_of(i))
+    outside = tmp_path / "outside.safetensors"
+    os.rename(file_of(store.root, "run", 3), outside)
+    os.symlink(outside, file_of(store.root, "run", 3))
+
+    assert store.numbers("run") == [1, 2]
+    assert [v.version for v in store.versions("run")] == [1, 2]
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.load("run", version=3)
+    assert store.load("run")["i"] == 1  # the newest real file, v2
+    assert outside.exists()  # what the link pointed at is never moved or deleted
+    store.prune("run", Policy(last=1))
+    assert outside.exists()
+
+
+def test_a_fifo_under_a_snapshots_name_is_refused_at_once(store: snapshotd.Store) -> None:
+    store.commit("run", state_of(1))
+    fifo = file_of(store.root, "run", 2)
+    os.mkfifo(fifo)
+    began = time.monotonic()
+    with pytest.raises(StoreError, match="not a regular file"):
+        store.load("run", version=2)  # opening a FIFO to read waits for a writer
+    assert time.monotonic() - began < 5
+    assert store.numbers("run") == [1]
+    assert store.load("run")["i"] == 1
+
+
+def test_a_symlinked_run_lock_is_refused_and_its_target_left_alone(
+    store: snapshotd.Store, tmp_path: Path
+) -> None:
+    store.commit("run", state_of(1))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock = store.root / "run" / ".lock"
+    lock.unlink()
+    lock.symlink_to(victim)
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.commit("run", state_of(2))
+    assert victim.read_text() == "precious"
+    assert store.numbers("run") == [1]
+
+
+def test_a_write_does_not_go_through_a_symlink_at_its_temporary_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The temporary name is random; fixing the random part (the one fake here) is what
+    # lets a link be planted where the write will create its file. (A store's commit
+    # also clears leftover temporary names of its run first.)
+    monkeypatch.setattr(snapshot.secrets, "token_hex", lambda _n: "feedface")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = tmp_path / "out.safetensors"
+    planted = tmp_path / f"{snapshot.TMP_PREFIX}{target.name}.{os.getpid()}.feedface"
+    planted.symlink_to(victim)
+    with pytest.raises(CommitFailed):
+        snapshotd.save(target, state_of(1))
+    assert victim.read_text() == "precious"
+    assert not target.exists()
+
+
+def test_a_file_under_another_versions_name_is_damaged_in_listings_and_pruned_to_quarantine(
+    store: snapshotd.Store,
+) -> None:
+    for i in range(2):
+        store.commit("run", state_of(i))
+    shutil.copyfile(file_of(store.root, "run", 1), file_of(store.root, "run", 2))
+    store.commit("run", state_of(3))
+    listed = {v.version: v for v in store.versions("run")}
+    assert [listed[v].problem for v in (1, 3)] == [None, None]
+    assert "version 1" in str(listed[2].problem)
+    decisions = {d.version: d for d in store.prune("run", Policy(last=1))}
+    assert (decisions[2].damaged, decisions[2].keep) == (True, True)
+    assert (store.root / "run" / "quarantine" / file_of(store.root, "run", 2).name).exists()
+    assert store.numbers("run") == [3]
