@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import stat
 import subprocess
@@ -885,7 +886,7 @@ def test_a_write_does_not_go_through_a_symlink_at_its_temporary_name(
     # The temporary name is random; fixing the random part (the one fake here) is what
     # lets a link be planted where the write will create its file. (A store's commit
     # also clears leftover temporary names of its run first.)
-    monkeypatch.setattr(snapshot.secrets, "token_hex", lambda _n: "feedface")
+    monkeypatch.setattr(secrets, "token_hex", lambda _n: "feedface")  # what snapshot uses
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     target = tmp_path / "out.safetensors"
