@@ -146,8 +146,9 @@ def _remove_stale(path: Path) -> None:
 
 
 def _reply(channel: Channel, verb: str, timeout: float) -> Reply:
-    """The daemon's reply to command 1: a daemon that took the command is running, so no
-    answer in time is not "no daemon" (the command may even still be at work)."""
+    """The daemon's reply to command 1. A daemon that took the command is running: no
+    answer in time is not "no daemon" (the command may still be at work), and one that
+    hangs up has refused this client (its log says why: a uid it does not allow)."""
     try:
         while True:
             message, fd = channel.receive(timeout)
@@ -156,10 +157,16 @@ def _reply(channel: Channel, verb: str, timeout: float) -> Reply:
             if isinstance(message, Reply) and message.id == 1:
                 return message
     except PeerUnreachable as exc:
+        if isinstance(exc.__cause__, TimeoutError) or "timed out" in str(exc):
+            raise DaemonError(
+                f"the daemon took the {verb} command but gave no answer in {timeout:g} s; "
+                "it may still be at it: see snapshotd status and the daemon's log",
+                code=exitcode.EXPERIMENT,
+            ) from exc
         raise DaemonError(
-            f"the daemon took the {verb} command but gave no answer in {timeout:g} s "
-            f"({exc}); it may still be at it: see snapshotd status and the daemon's log",
-            code=exitcode.EXPERIMENT,
+            f"the daemon hung up without answering the {verb} command ({exc}); its log "
+            "says why (a uid not in daemon.allowed_uids is refused)",
+            code=exitcode.NO_DAEMON,
         ) from exc
 
 

@@ -11,8 +11,10 @@ import fcntl
 import itertools
 import os
 import re
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -421,6 +423,41 @@ def test_repeated_store_failures_make_the_daemon_exit_5(box: Sandbox) -> None:
     assert len([line for line in daemon.log if "ERROR snapshotd.daemon: exp:" in line]) == 2
     systemd.wait("STOPPING", timeout=1)
     assert not box.control_socket().exists()
+
+
+def test_only_consecutive_store_failures_count_toward_the_exit(box: Sandbox) -> None:
+    # One failed commit now and then (a full disk that was cleared) must not add up over
+    # the daemon's life: a good commit resets the count.
+    box.write_config(schedule={"every": "1h"}, daemon={"timeout": "2s", "max_io_failures": 2})
+    daemon = box.start_daemon()
+    box.start_experiment("exp")
+    wait_until(lambda: daemon.experiment("exp"), 3, "the daemon to track exp")
+    run = box.store_dir / "exp"
+
+    def break_run() -> None:
+        shutil.rmtree(run, ignore_errors=True)
+        run.write_text("not a directory")
+
+    break_run()
+    assert box.cli("snapshot", "exp").returncode == exitcode.EXPERIMENT
+    run.unlink()
+    assert box.cli("snapshot", "exp").returncode == 0  # a good one in between
+    break_run()
+    assert box.cli("snapshot", "exp").returncode == exitcode.EXPERIMENT
+    time.sleep(0.5)
+    assert daemon.alive, "two failures with a success between them stopped the daemon"
+    assert daemon.status()["io_failures"] == 1
+    box.cli("snapshot", "exp")  # the second in a row
+    assert daemon.wait(10) == exitcode.NO_DAEMON, daemon.report()
+
+
+def test_a_store_the_daemon_makes_is_private(box: Sandbox) -> None:
+    box.write_config(store=str(box.root / "new" / "store"))
+    daemon = box.start_daemon()
+    root = box.root / "new" / "store"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE((root / ".daemon.lock").stat().st_mode) == 0o600
+    assert daemon.stop() == 0
 
 
 # -- reload ---------------------------------------------------------------------------------

@@ -146,3 +146,52 @@ def test_public_names_are_sorted_and_exist() -> None:
     assert snapshotd.__all__ == sorted(snapshotd.__all__)
     for name in snapshotd.__all__:
         assert hasattr(snapshotd, name), name
+
+
+#: Modules that turn bytes into objects of any class. snapshotd never pickles (DESIGN §6):
+#: not on disk, not on the wire.
+UNPICKLERS = {"pickle", "_pickle", "marshal", "shelve", "dill", "cloudpickle", "joblib"}
+#: Calls that can unpickle: numpy's readers unless told ``allow_pickle=False``, and
+#: PyYAML's loaders other than ``safe_load``.
+PICKLE_CAPABLE = {"load", "read_array", "fromfile", "unsafe_load", "full_load", "load_all"}
+
+
+def _unsafe_calls(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        root: ast.expr = node.func
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        foreign = isinstance(root, ast.Name) and root.id in {"np", "numpy", "yaml"}
+        keywords = {k.arg: k.value for k in node.keywords}
+        refused = keywords.get("allow_pickle")
+        says_no = isinstance(refused, ast.Constant) and refused.value is False
+        if foreign and node.func.attr in PICKLE_CAPABLE and not says_no:
+            found.append(f"line {node.lineno}: {ast.unparse(node.func)}(...)")
+        if "allow_pickle" in keywords and not says_no:
+            found.append(f"line {node.lineno}: allow_pickle not False")
+    return found
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_nothing_can_unpickle(module: str) -> None:
+    path = PACKAGE / f"{module}.py"
+    tops = {name.split(".")[0] for name in _imports(path)}
+    assert not tops & UNPICKLERS, f"{module} imports {tops & UNPICKLERS}"
+    assert _unsafe_calls(ast.parse(path.read_text())) == [], module
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import numpy as np\nnp.load(f)",
+        "import numpy as np\nnp.load(f, allow_pickle=True)",
+        "import yaml\nyaml.load(text, Loader=yaml.Loader)",
+        "import yaml\nyaml.unsafe_load(text)",
+        "import numpy as np\nnp.lib.format.read_array(f)",
+    ],
+)
+def test_the_unpickling_check_finds_what_it_looks_for(source: str) -> None:
+    assert _unsafe_calls(ast.parse(source)), source

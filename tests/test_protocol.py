@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -947,3 +948,30 @@ def test_hostile_bytes_only_ever_raise_remote_protocol_error(data: bytes, close:
     except RemoteProtocolError:
         with pytest.raises(RemoteProtocolError):
             decoder.next()
+
+
+class _Canary:
+    """Unpickling this creates the file at ``path``: proof that a pickle was loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("protocol_number", [0, pickle.HIGHEST_PROTOCOL])
+def test_a_pickled_body_is_refused_and_never_unpickled(
+    tmp_path: Path, protocol_number: int
+) -> None:
+    # DESIGN §6: nothing read from a peer is ever unpickled. A frame that is valid but
+    # for a pickle as its body is a protocol error, and the pickle's payload never runs.
+    canary = tmp_path / "canary"
+    body = pickle.dumps(_Canary(canary), protocol=protocol_number)
+    decoder = Decoder()
+    decoder.feed(frame(body))
+    with pytest.raises(RemoteProtocolError):
+        drain(decoder)
+    assert not canary.exists()
+    pickle.loads(body)  # the canary itself works: this test can fail
+    assert canary.exists()
