@@ -408,13 +408,17 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
         print(
             f"left: {gone['name']} (pid {gone['pid'] or '-'}) at {gone['left']}: "
             f"{gone['why']}; last version {_step(gone['last_version'])}"
-            + (_RESUME_HINT.format(name=gone["name"]) if gone["crashed"] else ""),
+            + (
+                _RESUME_HINT.format(name=gone["name"], store=status["store"])
+                if gone["crashed"]
+                else ""
+            ),
             file=out,
         )
     return EXIT_OK
 
 
-_RESUME_HINT = "; to resume it: snapshotd restore {name} -- COMMAND ARGS..."
+_RESUME_HINT = "; to resume it: snapshotd restore {name} --store {store} -- COMMAND ARGS..."
 
 
 def _snapshot(args: argparse.Namespace, out: TextIO) -> int:

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,28 +145,34 @@ def _remove_stale(path: Path) -> None:
     )
 
 
-def _reply(channel: Channel, verb: str, timeout: float) -> Reply:
-    """The daemon's reply to command 1. A daemon that took the command is running: no
-    answer in time is not "no daemon" (the command may still be at work), and one that
-    hangs up has refused this client (its log says why: a uid it does not allow)."""
+def _reply(channel: Channel, timeout: float) -> Reply:
+    """The daemon's reply to command 1 (other messages are skipped)."""
+    while True:
+        message, fd = channel.receive(timeout)
+        if fd is not None:
+            os.close(fd)
+        if isinstance(message, Reply) and message.id == 1:
+            return message
+
+
+@contextlib.contextmanager
+def _answering(verb: str, timeout: float) -> Iterator[None]:
+    """Translate a failure after the daemon accepted the connection. Something listens,
+    so it is not "no daemon": no answer in time (the command may still be at work), or
+    a hang-up (the daemon refused this client, or stopped)."""
     try:
-        while True:
-            message, fd = channel.receive(timeout)
-            if fd is not None:
-                os.close(fd)
-            if isinstance(message, Reply) and message.id == 1:
-                return message
+        yield
     except PeerUnreachable as exc:
         if isinstance(exc.__cause__, TimeoutError) or "timed out" in str(exc):
-            raise DaemonError(
-                f"the daemon took the {verb} command but gave no answer in {timeout:g} s; "
-                "it may still be at it: see snapshotd status and the daemon's log",
-                code=exitcode.EXPERIMENT,
-            ) from exc
+            why = f"gave no answer to the {verb} command in {timeout:g} s; it may still be at it"
+        else:
+            why = (
+                f"hung up without answering the {verb} command ({exc}): it refuses a uid "
+                "not in daemon.allowed_uids and clients beyond its limit, or it stopped"
+            )
         raise DaemonError(
-            f"the daemon hung up without answering the {verb} command ({exc}); its log "
-            "says why (a uid not in daemon.allowed_uids is refused)",
-            code=exitcode.NO_DAEMON,
+            f"the daemon {why}; see snapshotd status and the daemon's log",
+            code=exitcode.EXPERIMENT,
         ) from exc
 
 
@@ -174,15 +180,17 @@ def call(runtime: Path, verb: str, args: dict[str, Any] | None = None, *, timeou
     """Send one command to the daemon and return its result.
 
     Raises:
-        PeerUnreachable: no daemon is running on ``runtime``.
+        PeerUnreachable: no daemon is running on ``runtime`` (nothing accepts there).
         DaemonError: the daemon answered with an error (``.code`` is the exit code), or
-            took the command and gave no answer within ``timeout`` seconds.
+            accepted the connection and then hung up or gave no answer within
+            ``timeout`` seconds (:data:`exitcode.EXPERIMENT`).
     """
     channel = connect(rendezvous.control_socket(runtime), "daemon", timeout=min(timeout, 5.0))
     try:
-        channel.send(Hello("cli", "control", os.getpid()), timeout=5.0)
-        channel.send(Command(1, verb, args or {}), timeout=5.0)
-        message = _reply(channel, verb, timeout)
+        with _answering(verb, timeout):
+            channel.send(Hello("cli", "control", os.getpid()), timeout=5.0)
+            channel.send(Command(1, verb, args or {}), timeout=5.0)
+            message = _reply(channel, timeout)
     finally:
         channel.close()
     if not message.ok:

@@ -91,8 +91,10 @@ _NEW_SOCKET_GRACE = 2.0
 _BUSY_WAIT = 0.25
 #: How many experiments that are no longer tracked ``status`` lists.
 LEFT_SHOWN = 20
-#: Seconds a config file must be left alone after an edit before it is read.
+#: Seconds a config file must be left alone after an edit before it is read, but no
+#: more than CONFIG_SETTLE_MAX after the first edit not read yet.
 CONFIG_SETTLE = 1.0
+CONFIG_SETTLE_MAX = 10.0
 
 
 @dataclass
@@ -140,7 +142,7 @@ class Daemon:
         """``store``, when given, is used instead of the config's (``start --store``)."""
         #: The store and runtime directory the config file named, last time it was read:
         #: a reload warns when they change, since they only take effect on a restart.
-        self._file_places = (config.store, config.runtime_dir)
+        self._file_places = _places(config)
         if store is not None:
             config = dataclasses.replace(config, store=store)
         self.config = config
@@ -270,25 +272,30 @@ class Daemon:
         # CONFIG_SETTLE seconds: one save raises two or three events, and a file written
         # in parts must not be applied half-written (a prune under a half-written keep
         # policy could delete what the whole one keeps). SIGHUP is acted on at once.
-        edited_at: float | None = None
+        due: float | None = None  # when to read the edited file
+        first: float | None = None  # the first edit not read yet
         while True:
-            wait = 1.0 if edited_at is None else edited_at + CONFIG_SETTLE - time.monotonic()
+            wait = 1.0 if due is None else due - time.monotonic()
             try:
                 event = self._events.get(timeout=max(wait, 0.0))
             except queue.Empty:
-                if edited_at is None or time.monotonic() < edited_at + CONFIG_SETTLE:
+                if due is None or time.monotonic() < due:
                     continue
-                event, edited_at = "edited", None
+                event, due, first = "edited", None, None
             else:
                 if event == "edited":
-                    edited_at = time.monotonic()
+                    # An editor that saves more often than CONFIG_SETTLE still gets its
+                    # edits read, CONFIG_SETTLE_MAX after the first one.
+                    now = time.monotonic()
+                    first = now if first is None else first
+                    due = min(now + CONFIG_SETTLE, first + CONFIG_SETTLE_MAX)
                     continue
             if event in (signal.SIGTERM, signal.SIGINT, "fatal"):
                 name = event if isinstance(event, str) else signal.Signals(event).name
                 log.info("stopping (%s)", name)
                 return
             if event == signal.SIGHUP:
-                edited_at = None  # this reload reads the edit too
+                due, first = None, None  # this reload reads the edit too
             try:
                 handlers[event]()
             except Exception:  # one failed scan or reload must not stop the daemon
@@ -416,7 +423,10 @@ class Daemon:
                 tracked.in_flight.release()
         else:
             return  # a snapshot in flight will find out for itself
-        if gone:
+        if gone and not experiment.path.exists():
+            # It closed between the scan's listing and this probe: a clean end.
+            self._untrack(name, "its socket is gone")
+        elif gone:
             self._untrack(name, "its process is gone", crashed=True)
 
     def _untrack(self, name: str, why: str, *, crashed: bool = False) -> None:
@@ -579,18 +589,21 @@ class Daemon:
         self._notifier.notify(READY=1, STATUS=self._status_line())
 
     def _keep_places(self, new: configuration.Config) -> configuration.Config:
-        """``new`` with the store and runtime directory in use: they change on a restart."""
-        places = (new.store, new.runtime_dir)
+        """``new`` with the store, runtime directory and allowed uids in use: the sockets
+        and the sessions already checked against the uids stay as they are until a
+        restart."""
+        places = _places(new)
         if places != self._file_places:
             self._file_places = places
             log.warning(
-                "store and runtime_dir changes take effect after a restart (still serving "
-                "store %s, runtime directory %s)",
+                "store, runtime_dir and daemon.allowed_uids changes take effect after a "
+                "restart (still serving store %s, runtime directory %s)",
                 self.store.root,
                 self.runtime,
             )
+        daemon = dataclasses.replace(new.daemon, allowed_uids=self.config.daemon.allowed_uids)
         return dataclasses.replace(
-            new, store=self.config.store, runtime_dir=self.config.runtime_dir
+            new, store=self.config.store, runtime_dir=self.config.runtime_dir, daemon=daemon
         )
 
     def _apply(self, new: configuration.Config) -> None:
@@ -688,6 +701,12 @@ class Daemon:
                 f"no experiment named {name!r} is registered", code=exitcode.EXPERIMENT
             )
         return tracked
+
+
+def _places(config: configuration.Config) -> tuple[object, ...]:
+    """What of ``config`` a reload cannot change: the store, the runtime directory, and
+    the uids the sockets already check."""
+    return (config.store, config.runtime_dir, config.daemon.allowed_uids)
 
 
 def _timing(config: configuration.Config, name: str) -> tuple[configuration.Schedule, float]:

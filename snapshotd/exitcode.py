@@ -9,7 +9,8 @@
 4     the store failed: an I/O error, a lock, a file we cannot read
 5     no daemon is running (``status``, ``snapshot``, ``restore NAME``); for
       ``start``: it stopped after repeated I/O failures (systemd restarts it)
-6     the experiment is not registered, did not answer, or skipped the snapshot
+6     the experiment is not registered, did not answer, or skipped the snapshot; or the
+      daemon accepted the command line's connection, then hung up or gave no answer
 ====  ==========================================================================
 
 ``restore NAME -- CMD ARGS...`` exits with CMD's own exit code. The daemon uses the same
@@ -50,7 +51,7 @@ MEANINGS = (
     (3, "no (good) snapshot to act on"),
     (4, "the store failed"),
     (5, "no daemon running (start: stopped after repeated I/O failures)"),
-    (6, "the experiment is not registered, did not answer or skipped"),
+    (6, "the experiment (or the daemon) did not answer, or it is not registered or skipped"),
 )
 
 OK = 0

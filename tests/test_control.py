@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from snapshotd import control, rendezvous
+from snapshotd import control, exitcode, rendezvous
 from snapshotd.errors import DaemonError, PeerUnreachable
 
 
@@ -57,8 +57,9 @@ def test_a_client_of_a_uid_not_allowed_is_dropped_before_any_command_runs(
     server = serve(runtime, handler, {stranger})
     try:
         refused = pytest.raises(DaemonError, match="hung up without answering the status")
-        with caplog.at_level(logging.WARNING, "snapshotd.control"), refused:
+        with caplog.at_level(logging.WARNING, "snapshotd.control"), refused as caught:
             control.call(runtime, "status", timeout=5.0)
+        assert caught.value.code == exitcode.EXPERIMENT  # not 5: a daemon is running
         assert handler.calls == []
         assert any(
             f"uid {os.getuid()}" in r.getMessage() and "dropped a client" in r.getMessage()

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from snapshotd import config as configuration
 from snapshotd import control, exitcode, rendezvous
+from snapshotd.daemon import Daemon, _Tracked
 from snapshotd.errors import DaemonError
+from snapshotd.transport import Experiment
 from tests.daemon_harness import (
     LOG_LINE,
     DaemonProcess,
@@ -168,7 +171,10 @@ def test_a_killed_experiment_is_dropped_even_after_it_was_snapshotted(box: Sandb
     assert (left["why"], left["crashed"]) == ("its process is gone", True)
     text = box.cli("status").stdout
     assert f"left: exp (pid {exp.pid}) at " in text
-    assert "its process is gone; last version 1; to resume it: snapshotd restore exp --" in text
+    assert (
+        f"its process is gone; last version 1; to resume it: snapshotd restore exp --store "
+        f"{box.store_dir} -- COMMAND"
+    ) in text
     again = box.start_experiment("exp")
     wait_until(lambda: daemon.experiment("exp"), 3, "the daemon to track exp again")
     assert daemon.status()["left"] == []
@@ -621,6 +627,20 @@ def test_a_deleted_config_keeps_the_old_one_and_says_how_to_bring_the_file_back(
     assert daemon.stop() == 0
 
 
+def test_a_config_saved_more_often_than_it_settles_is_still_read(box: Sandbox) -> None:
+    daemon = box.start_daemon()
+    mark = len(daemon.log)
+    first = time.monotonic()
+    for last in itertools.cycle((4, 5)):  # an editor that autosaves every 0.4 s
+        box.write_config(keep={"last": last})
+        time.sleep(0.4)
+        if any("config reloaded" in line for line in daemon.log[mark:]):
+            break
+        assert time.monotonic() - first < 15, "no reload while the file kept changing"
+    assert time.monotonic() - first < 12
+    assert daemon.stop() == 0
+
+
 def test_a_store_given_on_the_command_line_is_not_reported_changed_on_reload(
     box: Sandbox,
 ) -> None:
@@ -634,6 +654,16 @@ def test_a_store_given_on_the_command_line_is_not_reported_changed_on_reload(
     box.write_config(keep={"last": 4}, store="elsewhere")  # this one does need a restart
     _, line = daemon.wait_log(r"WARNING .*take effect after a restart.*", 5, start=mark)
     assert str(other) in line.group(0)  # and says what it still serves
+
+    # So do the uids the sockets check: a reload does not claim to have applied them.
+    mark = len(daemon.log)
+    box.write_config(keep={"last": 4}, store="elsewhere", daemon={"allowed_uids": [4242]})
+    daemon.wait_log(
+        r"WARNING .*daemon\.allowed_uids changes take effect after a restart", 5, start=mark
+    )
+    _, line = daemon.wait_log(r"config reloaded from .*", 5, start=mark)
+    assert "allowed_uids" not in line.group(0)
+    assert daemon.status()["pid"] == daemon.pid  # this uid is still served
     assert daemon.stop() == 0
 
 
@@ -714,6 +744,24 @@ def test_a_daemon_that_takes_a_command_but_does_not_answer_is_not_called_absent(
     finally:
         daemon.send(signal.SIGCONT)
     assert caught.value.code == exitcode.EXPERIMENT
-    assert "took the status command but gave no answer in 1 s" in str(caught.value)
+    assert "gave no answer to the status command in 1 s" in str(caught.value)
     assert "no daemon" not in str(caught.value)
     assert daemon.stop() == 0
+
+
+def test_an_experiment_that_closed_between_listing_and_probing_did_not_crash(
+    tmp_path: Path,
+) -> None:
+    # In process, on the daemon's own bookkeeping: the scan listed exp's socket, then exp
+    # ended cleanly (socket removed, session closed) before the probe. That is no crash.
+    config = configuration.Config(store=tmp_path / "store", runtime_dir=tmp_path / "run")
+    daemon = Daemon(config, {})
+    for name in ("closed", "crashed"):
+        path = tmp_path / f"{name}.sock"
+        daemon._tracked[name] = _Tracked(name, Experiment(name, path, io_timeout=1.0))
+    make_stale_socket(tmp_path / "crashed.sock")  # a dead process leaves its socket
+    for name in ("closed", "crashed"):
+        daemon._untrack_if_gone(name)
+    left = {entry["name"]: entry for entry in daemon.status()["left"]}
+    assert (left["closed"]["crashed"], left["closed"]["why"]) == (False, "its socket is gone")
+    assert (left["crashed"]["crashed"], left["crashed"]["why"]) == (True, "its process is gone")
