@@ -241,9 +241,14 @@ def _add_export(commands: Any, common: argparse.ArgumentParser) -> None:
 # -- configuration -------------------------------------------------------------------
 
 
+def _config_path(args: argparse.Namespace) -> Path:
+    """``--config``, else the default (``$SNAPSHOTD_CONFIG``, then the system file)."""
+    path: Path = args.config or configuration.default_path(os.environ)
+    return path
+
+
 def _load_config(args: argparse.Namespace) -> configuration.Config:
-    path = args.config or configuration.default_path(os.environ)
-    return configuration.load(path)
+    return configuration.load(_config_path(args))
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -283,7 +288,7 @@ def _daemon_settings(args: argparse.Namespace) -> tuple[Path, float]:
     the daemon keeps running on its last good one, and these commands need no more of
     the file than its ``runtime_dir``.
     """
-    path = args.config or configuration.default_path(os.environ)
+    path = _config_path(args)
     if not (args.config or path.exists()):
         return rendezvous.runtime_dir(None, os.environ), _DEFAULT_TIMEOUT
     try:

@@ -140,8 +140,9 @@ class Daemon:
         self, config: configuration.Config, environ: dict[str, str], *, store: Path | None = None
     ) -> None:
         """``store``, when given, is used instead of the config's (``start --store``)."""
-        #: The store and runtime directory the config file named, last time it was read:
-        #: a reload warns when they change, since they only take effect on a restart.
+        #: What the config file said of the store, runtime directory and allowed uids,
+        #: last time it was read: a reload warns when they change, since they only take
+        #: effect on a restart (:func:`_places`).
         self._file_places = _places(config)
         if store is not None:
             config = dataclasses.replace(config, store=store)
