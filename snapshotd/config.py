@@ -527,10 +527,17 @@ def load(path: Path) -> Config:
         raise ConfigError(
             "", f"cannot read config file {path}: {why}; pass --config FILE or set SNAPSHOTD_CONFIG"
         ) from exc
-    try:
+    with _naming(path):
         return parse(text, base_dir=path.parent, source=path)
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Errors of the config file at ``path`` start with its name: the daemon's log and a
+    shell script may not show which file it was."""
+    try:
+        yield
     except ConfigError as exc:
-        # Name the file: the daemon's log and a shell script may not show which it was.
         raise ConfigError(exc.key_path, exc.problem, source=path) from None
 
 
@@ -543,21 +550,18 @@ def runtime_dir_of(path: Path) -> Path | None:
         ConfigError: the file cannot be read, is not YAML, or ``runtime_dir`` is invalid.
     """
     path = path.absolute()
-    try:
-        document = _yaml(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
-        raise ConfigError("", f"cannot read the config file: {why}", source=path) from None
-    except ConfigError as exc:
-        raise ConfigError(exc.key_path, exc.problem, source=path) from None
-    if not isinstance(document, dict) or document.get("runtime_dir") is None:
-        return None
-    try:
-        return path.parent / Path(_text(document["runtime_dir"], "runtime_dir")).expanduser()
-    except ConfigError as exc:
-        raise ConfigError(exc.key_path, exc.problem, source=path) from None
-    except RuntimeError as exc:
-        raise ConfigError("runtime_dir", f"cannot expand ~: {exc}", source=path) from None
+    with _naming(path):
+        try:
+            document = _yaml(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise ConfigError("", f"cannot read the config file: {why}") from None
+        if not isinstance(document, dict) or document.get("runtime_dir") is None:
+            return None
+        try:
+            return path.parent / Path(_text(document["runtime_dir"], "runtime_dir")).expanduser()
+        except RuntimeError as exc:
+            raise ConfigError("runtime_dir", f"cannot expand ~: {exc}") from None
 
 
 def differences(old: Config, new: Config) -> list[str]:
