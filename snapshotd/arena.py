@@ -16,13 +16,13 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from snapshotd.errors import RemoteProtocolError
-from snapshotd.format import Layout, Tensor
+from snapshotd.format import DtypeRun, Layout, Tensor
 from snapshotd.protocol import TensorEntry, TensorTable
 
 __all__ = ["Arena", "layout_of", "map_readonly", "table_of"]
@@ -62,12 +62,30 @@ class Arena:
         small arrays that is half the time of copying them one by one from Python.
         """
         for run in layout.runs:
-            count = (run.end - run.begin) // run.dtype.itemsize
-            if count == 0:
-                continue
-            out = np.frombuffer(self._map, dtype=run.dtype, count=count, offset=run.begin)
-            # "equiv": byte order may change, nothing else; never a silent conversion.
-            np.concatenate(arrays[run.first : run.last], axis=None, out=out, casting="equiv")
+            self._fill_run(run, arrays)
+
+    def filling(
+        self, layout: Layout, arrays: Sequence[np.ndarray[Any, Any]], unit: int
+    ) -> Iterator[int]:
+        """:meth:`fill_in_order` a piece of about ``unit`` bytes at a time: after each
+        piece, yield how many bytes from the arena's start hold the state (the last
+        yield is the arena's size; each is larger than the one before). Raises as
+        :meth:`fill_in_order`."""
+        done = 0
+        for run in layout.runs_within(unit):
+            self._fill_run(run, arrays)
+            if done < run.end < layout.data_size:
+                done = run.end
+                yield done
+        yield layout.data_size
+
+    def _fill_run(self, run: DtypeRun, arrays: Sequence[np.ndarray[Any, Any]]) -> None:
+        count = (run.end - run.begin) // run.dtype.itemsize
+        if count == 0:
+            return
+        out = np.frombuffer(self._map, dtype=run.dtype, count=count, offset=run.begin)
+        # "equiv": byte order may change, nothing else; never a silent conversion.
+        np.concatenate(arrays[run.first : run.last], axis=None, out=out, casting="equiv")
 
     def close(self) -> None:
         try:

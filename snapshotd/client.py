@@ -59,6 +59,7 @@ from snapshotd.names import check_name
 from snapshotd.protocol import (
     Command,
     Done,
+    Filled,
     Hello,
     Message,
     Push,
@@ -70,7 +71,7 @@ from snapshotd.protocol import (
     TensorTable,
     check_arena,
 )
-from snapshotd.snapshot import restore_into
+from snapshotd.snapshot import STREAM_UNIT, restore_into
 from snapshotd.store import Store
 from snapshotd.target import Target, adapt
 from snapshotd.tree import Skeleton, flatten, same_tree, unflatten
@@ -429,14 +430,30 @@ class Run:
     def _send_state(self, request: int, step: int | None, safe_point: bool) -> None:
         session = self._service.session
         try:
-            message, fd = self._capture.take(self._target, request, step, safe_point, session)
-        except (StateError, OSError) as exc:
-            log.error("%s: cannot snapshot the state: %s", self.name, exc)
-            self._service.send(Skipped(request, f"cannot copy the state: {exc}"))
+            taken = self._capture.take(self._target, request, step, safe_point, session)
+        except _COPY_ERRORS as exc:
+            self._cannot_copy(request, exc)
             return
         self._busy = request
-        if not self._service.send(message, fd, session=session):
+        if not self._service.send(taken.message, taken.fd, session=session):
             self._busy = None
+            return
+        if taken.rest is not None:
+            self._stream(request, taken.rest, session)
+
+    def _stream(self, request: int, rest: Iterator[int], session: int) -> None:
+        """Copy the rest of a state sent ahead of its copy, saying how far it has come
+        after each piece, so the daemon writes the first pieces while the last are copied."""
+        try:
+            for upto in rest:
+                if not self._service.send(Filled(request, upto), session=session):
+                    return  # the daemon is gone: nobody reads the rest
+        except _COPY_ERRORS as exc:
+            self._cannot_copy(request, exc)  # withdraws the state; the daemon writes nothing
+
+    def _cannot_copy(self, request: int, exc: Exception) -> None:
+        log.error("%s: cannot snapshot the state: %s", self.name, exc)
+        self._service.send(Skipped(request, f"cannot copy the state: {exc}"))
 
     def _on_request(self, request: SnapshotRequest) -> None:
         if self._busy is not None:
@@ -573,7 +590,9 @@ class _Capture:
 
     def take(
         self, target: Target, request: int, step: int | None, safe_point: bool, session: int
-    ) -> tuple[StateReady, int]:
+    ) -> _Taken:
+        """Copy the state into the arena (or, when it streams, its first piece) and
+        describe it. Raises ``StateError``, ``OSError``, ``TypeError``, ``ValueError``."""
         state = target.get_state()
         with collector.paused():
             taken = self._again(state)
@@ -584,10 +603,16 @@ class _Capture:
         assert self.layout is not None
         assert self.table is not None
         assert self.skeleton is not None
-        self.arena.fill_in_order(self.layout, self.layout.in_order(leaves))
+        arrays = self.layout.in_order(leaves)
+        rest, filled = None, None
+        if streams(self.layout):
+            rest = self.arena.filling(self.layout, arrays, STREAM_UNIT)
+            filled = next(rest)
+        else:
+            self.arena.fill_in_order(self.layout, arrays)
         kinds = self.skeleton.kinds
-        message = self._describe(request, step, safe_point, structure, kinds, session)
-        return message, self.arena.fd
+        message = self._describe(request, step, safe_point, structure, kinds, session, filled)
+        return _Taken(message, self.arena.fd, rest)
 
     def _again(self, state: object) -> tuple[list[np.ndarray[Any, Any]], Any] | None:
         """The arrays and structure of ``state`` taken in bulk, when it is the tree taken
@@ -616,6 +641,7 @@ class _Capture:
         structure: Any,
         kinds: str | None,
         session: int,
+        filled: int | None,
     ) -> StateReady:
         known = self._announced
         table = self.table
@@ -626,10 +652,10 @@ class _Capture:
             and known.table is table
             and same_tree(known.structure, known.kinds, structure, kinds)
         ):
-            return StateReady(request, step, safe_point, None, None, known.number)
+            return StateReady(request, step, safe_point, None, None, known.number, filled)
         self._numbered += 1
         self._announced = _Announced(session, self._numbered, table, structure, kinds)
-        return StateReady(request, step, safe_point, structure, table, self._numbered)
+        return StateReady(request, step, safe_point, structure, table, self._numbered, filled)
 
     def _relayout(self, layout: Layout) -> None:
         self.close()
@@ -642,6 +668,36 @@ class _Capture:
             self.arena.close()
             self.arena = None
             self.layout = None
+
+
+@dataclass(frozen=True)
+class _Taken:
+    """A state ready to send: the message, the arena's descriptor and, when the state
+    streams, the copy still to do (each step yields how far the arena is filled)."""
+
+    message: StateReady
+    fd: int
+    rest: Iterator[int] | None
+
+
+#: Errors of taking and copying the state: the snapshot is skipped, training goes on.
+_COPY_ERRORS = (StateError, OSError, TypeError, ValueError)
+
+#: Largest mean tensor size of a state that streams (in pieces of ``STREAM_UNIT``).
+STREAM_MEAN = 64 << 10
+
+
+def streams(layout: Layout) -> bool:
+    """True when a state of this layout is sent ahead of its copy (``state.filled``).
+
+    Only for states of many small tensors: their copy is bound by the work per array,
+    and overlapping it with the daemon's digests and writes shortens a snapshot (about
+    21 to 15 ms for 20,000 arrays of 1 KiB, docs/PERFORMANCE.md). A copy of big tensors
+    is bound by memory bandwidth instead, and the daemon's work beside it would slow it
+    down by as much as the overlap saves, in the experiment's own time.
+    """
+    count = len(layout.tensors)
+    return layout.data_size >= 2 * STREAM_UNIT and layout.data_size <= STREAM_MEAN * count
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ __all__ = [
     "Command",
     "Decoder",
     "Done",
+    "Filled",
     "Hello",
     "Message",
     "Push",
@@ -58,8 +59,9 @@ __all__ = [
 ]
 
 MAGIC = b"SNPD"
-#: 2: ``state`` numbers its description and may repeat it (PROTOCOL.md, section 9).
-PROTOCOL_VERSION = 2
+#: 3: ``state`` may come before its arena is filled, and ``filled`` says how far it is
+#: (PROTOCOL.md, section 9).
+PROTOCOL_VERSION = 3
 _FRAME = struct.Struct("<4sHHI")
 #: Largest JSON body accepted (a 20,000-array state header is about 3 MB).
 MAX_BODY = 64 << 20
@@ -238,6 +240,11 @@ class StateReady(Message):
     that only repeats ``description`` (``table`` None, no structure) means "the same
     as the one you have": the 3 MB description of a 20,000-array state is then neither
     encoded nor parsed nor checked again for every snapshot.
+
+    ``filled`` (bytes from the arena's start) is set when the state is sent before the
+    arena is filled: the rest follows in :class:`Filled` messages, so the daemon can
+    write the first bytes while the experiment still copies the last. ``None``: all
+    of it is there.
     """
 
     TYPE: ClassVar[str] = "state"
@@ -248,10 +255,13 @@ class StateReady(Message):
     structure: Any
     table: TensorTable | None
     description: int = 0
+    filled: int | None = None
 
     def __post_init__(self) -> None:
         if self.table is None and (self.structure is not None or self.description < 1):
             raise ValueError("a repeated description is a number >= 1 and nothing else")
+        if self.table is not None and self.filled is not None and self.filled > self.table.size:
+            raise ValueError(f"filled {self.filled} is past the arena's {self.table.size} bytes")
 
     @property
     def repeats(self) -> bool:
@@ -262,10 +272,26 @@ class StateReady(Message):
         body = super().body()
         if self.repeats:
             del body["structure"]
+        if self.filled is None:
+            del body["filled"]
         return body
 
     def raw(self) -> dict[str, str]:
         return {} if self.table is None else _table_fields(self.table)
+
+
+@dataclass(frozen=True)
+class Filled(Message):
+    """Experiment -> daemon: the arena of state ``id`` holds the state up to byte ``upto``.
+
+    Follows a ``state`` that came with ``filled`` set, in increasing ``upto``, until
+    ``upto`` is the arena's size. A ``skipped`` with the same id instead withdraws the
+    state: the copy failed, and the daemon abandons what it has written of it.
+    """
+
+    TYPE: ClassVar[str] = "filled"
+    id: int
+    upto: int
 
 
 @dataclass(frozen=True)
@@ -348,7 +374,18 @@ class Reply(Message):
 
 _TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, SnapshotRequest, StateReady, Skipped, Done, Push, PushDone, Command, Reply)
+    for cls in (
+        Hello,
+        SnapshotRequest,
+        StateReady,
+        Filled,
+        Skipped,
+        Done,
+        Push,
+        PushDone,
+        Command,
+        Reply,
+    )
 }
 
 
@@ -396,6 +433,8 @@ _SCALAR_CHECKS: dict[str, Callable[[Any], bool]] = {
     "version": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
     "step": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
     "arena_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "upto": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "filled": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
     "timeout": lambda v: (
         isinstance(v, int | float) and not isinstance(v, bool) and v <= MAX_TIMEOUT
     ),

@@ -12,7 +12,10 @@ Writing follows one protocol, in this order (docs/FORMAT.md, "Commit"):
 5. ``rename`` it to the final name, ``fsync`` the directory.
 
 Any ``OSError`` on the way abandons the attempt: the temporary file is closed and
-unlinked and :class:`CommitFailed` is raised. A failed ``fsync`` is never retried on the
+unlinked and :class:`CommitFailed` is raised. Data that arrives while it is written (an
+experiment's streamed arena, ``Payload.ready``) is waited for piece by piece; when it
+stops coming, the attempt is abandoned the same way, but the peer's error is raised as
+it is, since the disk did nothing wrong. A failed ``fsync`` is never retried on the
 same descriptor (after a write-back error Linux may report success over lost data); a
 retry is a new file. Crash points between the steps let tests kill the writer anywhere.
 
@@ -45,7 +48,14 @@ import numpy as np
 
 from snapshotd import collector, lanes
 from snapshotd.crashpoint import crashpoint
-from snapshotd.errors import CommitFailed, SnapshotCorrupt, StoreError, UsageError
+from snapshotd.errors import (
+    CommitFailed,
+    PeerError,
+    ProtocolError,
+    SnapshotCorrupt,
+    StoreError,
+    UsageError,
+)
 from snapshotd.format import (
     Header,
     Layout,
@@ -119,6 +129,9 @@ class Payload:
     contiguous: bool = False
     #: Each tensor's bytes, in layout order, when the caller has them cut already.
     tensors: Sequence[Buffer] | None = None
+    #: For data still arriving (a streamed arena): ``ready(n)`` returns once the first
+    #: ``n`` bytes of the data section are there, or raises why they will not be.
+    ready: Callable[[int], None] | None = None
 
     @classmethod
     def of_flat(cls, flat: Flat, previous: Layout | None = None) -> Payload:
@@ -138,9 +151,12 @@ class Payload:
         data: memoryview,
         structure: Any,
         tensors: Sequence[Buffer] | None = None,
+        ready: Callable[[int], None] | None = None,
     ) -> Payload:
-        """An arena's data section (``tensors``: views of it, per tensor, if kept)."""
-        return cls(layout, structure, (data[: layout.data_size],), contiguous=True, tensors=tensors)
+        """An arena's data section (``tensors``: views of it, per tensor, if kept;
+        ``ready``: see the field)."""
+        data = data[: layout.data_size]
+        return cls(layout, structure, (data,), contiguous=True, tensors=tensors, ready=ready)
 
     def span(
         self, begin: int, end: int, pieces: Sequence[Buffer]
@@ -193,6 +209,8 @@ def write(directory: Path, final_name: str, encoded: Encoded) -> None:
 
     Raises:
         CommitFailed: on any I/O error; nothing is left under either name.
+        PeerError, ProtocolError: from ``payload.ready``, untranslated: streamed data
+            stopped coming. Nothing is left under either name.
     """
     tmp = directory / f"{TMP_PREFIX}{final_name}.{os.getpid()}.{secrets.token_hex(4)}"
     try:
@@ -202,6 +220,10 @@ def write(directory: Path, final_name: str, encoded: Encoded) -> None:
     except OSError as exc:
         _unlink_quietly(tmp)
         raise CommitFailed(f"writing {final_name} failed: {exc}", str(directory)) from exc
+    except (PeerError, ProtocolError):
+        # Streamed data that stopped coming: the experiment's failure, not the store's.
+        _unlink_quietly(tmp)
+        raise
     except Exception as exc:  # a bug or a buffer changed under us: still fail cleanly
         _unlink_quietly(tmp)
         raise CommitFailed(
@@ -255,11 +277,21 @@ def _write_data(fd: int, payload: Payload, start: int) -> list[str]:
     Digesting before writing matters for an experiment's freshly mapped shared memory:
     the digest's reads fault its pages in far faster than the kernel's copy inside
     ``writev`` does (measured: 64 MiB written in 16 ms instead of 47 ms).
+
+    Data still arriving (``payload.ready``) goes in smaller pieces, each once it is
+    there, so the digests and writes keep close behind the copy.
+
+    Raises:
+        OSError: the file could not be written.
+        PeerError, ProtocolError: from ``payload.ready``: the rest is not coming.
     """
     tensors = payload.tensor_bytes()
     digests: list[str] = []
     streamed = digester()
-    for piece in _pieces(payload.layout):
+    ready = payload.ready
+    for piece in _pieces(payload.layout, IO_UNIT if ready is None else STREAM_UNIT):
+        if ready is not None:
+            ready(piece.end)
         big = piece.part_of
         if big is None:
             digests.extend(map(digest, tensors[piece.first : piece.last]))
@@ -292,6 +324,10 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 #: disk's queue full between two starts of writeback, small enough to stay in the CPU
 #: cache between the copy and the digest.
 IO_UNIT = 8 << 20
+#: The same for data still arriving: an experiment copies a streamed state in pieces of
+#: this size, and the commit follows piece by piece (a model of it took 14-15 ms for
+#: 20 MB in 1-2 MiB pieces, 22 ms in pieces of IO_UNIT; docs/PERFORMANCE.md).
+STREAM_UNIT = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,18 +348,18 @@ class _Piece:
         return self.part_of is None or self.end == self.part_of.end
 
 
-def _pieces(layout: Layout) -> list[_Piece]:
-    """The writes and reads of a data section: the layout's groups, in offset order,
-    with tensors bigger than IO_UNIT cut into parts of that size."""
+def _pieces(layout: Layout, unit: int = IO_UNIT) -> list[_Piece]:
+    """The writes and reads of a data section: the layout's groups of up to ``unit``
+    bytes, in offset order, with tensors bigger than ``unit`` cut into parts of that size."""
     pieces = []
-    for begin, end in layout.groups(IO_UNIT):
+    for begin, end in layout.groups(unit):
         first, last = layout.tensors[begin], layout.tensors[end - 1]
-        if end - begin > 1 or first.nbytes <= IO_UNIT:
+        if end - begin > 1 or first.nbytes <= unit:
             pieces.append(_Piece(first.begin, last.end, begin, end))
         else:
             pieces.extend(
-                _Piece(at, min(at + IO_UNIT, first.end), begin, end, part_of=first)
-                for at in range(first.begin, first.end, IO_UNIT)
+                _Piece(at, min(at + unit, first.end), begin, end, part_of=first)
+                for at in range(first.begin, first.end, unit)
             )
     return pieces
 

@@ -190,7 +190,11 @@ class Store:
         safe_point: bool | None = None,
         created: datetime | None = None,
     ) -> int:
-        """:meth:`commit` for laid-out data (the daemon writes an arena this way)."""
+        """:meth:`commit` for laid-out data (the daemon writes an arena this way).
+
+        Raises as :meth:`commit`, and for data still arriving (``payload.ready``) the
+        ``PeerError`` or ``ProtocolError`` that ended it; no version is used up.
+        """
         run = self._run_dir(check_name(name), create=True)
         with self._locked(run) as lock_fd:
             _remove_temporaries(run)

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import os
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,11 @@ import numpy as np
 from snapshotd import rendezvous
 from snapshotd.arena import Arena, layout_of, map_readonly, table_of
 from snapshotd.channel import Channel, connect
-from snapshotd.errors import PeerError, RemoteProtocolError, SnapshotSkipped
+from snapshotd.errors import PeerError, PeerUnreachable, RemoteProtocolError, SnapshotSkipped
 from snapshotd.format import Layout
 from snapshotd.protocol import (
     Done,
+    Filled,
     Hello,
     Message,
     Push,
@@ -85,9 +87,37 @@ class _Mapped:
         return self._views[1]
 
 
+class _Stream:
+    """The part of a streamed state still being copied (``state.filled``): how far the
+    arena holds the state, moved on by reading ``filled`` messages as they are needed."""
+
+    def __init__(self, experiment: Experiment, request: int, filled: int, size: int) -> None:
+        self._experiment = experiment
+        self._request = request
+        self.filled = filled
+        self._size = size
+
+    def wait(self, upto: int) -> None:
+        """Return once the arena holds the state up to byte ``upto``.
+
+        Raises:
+            SnapshotSkipped: the experiment withdrew the state (its copy failed).
+            PeerUnreachable: the connection failed, or no word came within the I/O
+                timeout; the connection is closed.
+            RemoteProtocolError: the experiment broke the protocol; the connection is
+                closed.
+        """
+        while self.filled < min(upto, self._size):
+            self.filled = self._experiment.next_filled(self._request, self.filled, self._size)
+
+
 @dataclass
 class Capture:
-    """State handed over by an experiment, mapped read-only. Release it when done."""
+    """State handed over by an experiment, mapped read-only. Release it when done.
+
+    A streamed state (``_stream``) may still be arriving: :meth:`payload` hands the
+    writer a way to wait for each piece, and :meth:`flat` waits for all of it.
+    """
 
     id: int
     step: int | None
@@ -95,6 +125,7 @@ class Capture:
     structure: Any
     layout: Layout
     _mapped: _Mapped | None
+    _stream: _Stream | None = field(default=None, repr=False)
     _data: np.ndarray[Any, Any] | None = field(default=None, repr=False)
 
     @property
@@ -106,14 +137,20 @@ class Capture:
         """The state as one contiguous buffer in file order (the arena), for writing.
 
         The buffer is a view of the read-only mapping, valid inside the ``with`` only.
+        Its ``ready`` raises as ``_Stream.wait`` when a streamed state stops coming.
         """
         assert self._mapped is not None
         tensors = self._mapped.tensors(self.layout)
+        ready = None if self._stream is None else self._stream.wait
         with memoryview(self._mapped.map) as view:
-            yield Payload.of_arena(self.layout, view, self.structure, tensors)
+            yield Payload.of_arena(self.layout, view, self.structure, tensors, ready)
 
     def flat(self) -> Flat:
-        """The state as named arrays: read-only views of the shared memory (no copy)."""
+        """The state as named arrays: read-only views of the shared memory (no copy).
+
+        Raises as ``_Stream.wait`` when a streamed state stops coming."""
+        if self._stream is not None:
+            self._stream.wait(self.layout.data_size)
         if self._data is None:
             assert self._mapped is not None
             self._data = np.frombuffer(
@@ -219,11 +256,25 @@ class Experiment:
         request = SnapshotRequest(next(self._ids), timeout)
         try:
             channel.send(request, timeout=self._io_timeout)
-            message, fd = channel.receive(timeout + self._io_timeout)
+            message, fd = self._answer(channel, request, timeout + self._io_timeout)
         except BaseException:
             self.close()
             raise
         return self._captured(request, message, fd)
+
+    @staticmethod
+    def _answer(
+        channel: Channel, request: SnapshotRequest, timeout: float
+    ) -> tuple[Message, int | None]:
+        """The answer to ``request``, passing over late words about earlier requests: a
+        streamed state's ``filled`` or ``skipped`` still on their way when its commit
+        ended early (it failed, or the state was over the staging budget)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message, fd = channel.receive(deadline - time.monotonic())
+            late = isinstance(message, Filled | Skipped) and message.id < request.id
+            if not late or fd is not None:
+                return message, fd
 
     def _captured(self, request: SnapshotRequest, message: Message, fd: int | None) -> Capture:
         if isinstance(message, Skipped) and message.id == request.id:
@@ -242,6 +293,8 @@ class Experiment:
             described = self._described(state)
             size = described.table.size
             check_arena(described.table, os.fstat(fd).st_size)
+            if state.filled is not None and state.filled > size:
+                raise RemoteProtocolError(f"filled {state.filled} is past the state's {size} bytes")
             if self._budget is not None and size > self._budget:
                 raise StagingBudgetExceeded(
                     self.name,
@@ -259,6 +312,9 @@ class Experiment:
             raise
         finally:
             os.close(fd)  # a mapping keeps its file open
+        stream = None
+        if state.filled is not None and state.filled < size:
+            stream = _Stream(self, state.id, state.filled, size)
         return Capture(
             state.id,
             state.step,
@@ -266,6 +322,38 @@ class Experiment:
             described.structure,
             described.layout,
             mapped,
+            stream,
+        )
+
+    def next_filled(self, request: int, filled: int, size: int) -> int:
+        """Wait for the next ``filled`` of streamed state ``request``, which holds
+        ``filled`` of ``size`` bytes so far; return how far it holds the state now.
+
+        Raises as ``_Stream.wait``.
+        """
+        channel = self._channel
+        if channel is None:
+            raise PeerUnreachable(self.name, "the connection was closed mid-snapshot")
+        try:
+            message, fd = channel.receive(self._io_timeout)
+        except BaseException:
+            self.close()
+            raise
+        if fd is None and isinstance(message, Skipped) and message.id == request:
+            raise SnapshotSkipped(self.name, f"the experiment withdrew the state: {message.reason}")
+        if (
+            fd is None
+            and isinstance(message, Filled)
+            and message.id == request
+            and filled < message.upto <= size
+        ):
+            return message.upto
+        if fd is not None:
+            os.close(fd)
+        self.close()
+        raise RemoteProtocolError(
+            f"expected filled past {filled} of {size} bytes for state {request}, "
+            f"got {message!r:.80}"
         )
 
     def _mapping(self, fd: int, size: int) -> _Mapped:

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,8 @@ from snapshotd import (
     rendezvous,
 )
 from snapshotd.arena import Arena, table_of
-from snapshotd.client import _Capture
+from snapshotd.capture import persist
+from snapshotd.client import _Capture, streams
 from snapshotd.format import Layout
 from snapshotd.protocol import (
     MAGIC,
@@ -67,6 +69,7 @@ from snapshotd.protocol import (
     TensorTable,
     encode,
 )
+from snapshotd.snapshot import STREAM_UNIT
 from snapshotd.target import adapt
 from snapshotd.transport import Capture, Experiment
 from snapshotd.tree import flatten, unflatten
@@ -1148,10 +1151,10 @@ def test_a_description_is_repeated_only_to_the_session_that_received_it() -> Non
     state = {"w": np.arange(3.0), "n": 1}
     capture = _Capture("unit")
     try:
-        first, _fd = capture.take(adapt(state), 1, None, True, session=1)
-        again, _fd = capture.take(adapt(state), 2, None, True, session=1)
-        other, _fd = capture.take(adapt(state), 3, None, True, session=2)
-        back, _fd = capture.take(adapt(state), 4, None, True, session=1)
+        first = capture.take(adapt(state), 1, None, True, session=1).message
+        again = capture.take(adapt(state), 2, None, True, session=1).message
+        other = capture.take(adapt(state), 3, None, True, session=2).message
+        back = capture.take(adapt(state), 4, None, True, session=1).message
     finally:
         capture.close()
 
@@ -1180,7 +1183,7 @@ def test_a_state_taken_again_is_not_walked_again(monkeypatch: pytest.MonkeyPatch
             capture.take(adapt(state), request, None, True, session=1)
         assert len(walks) == 1
         state["step"] = 2  # a new value of a scalar: a new structure, still no walk
-        changed, _fd = capture.take(adapt(state), 4, None, True, session=1)
+        changed = capture.take(adapt(state), 4, None, True, session=1).message
         assert changed.structure == flatten(state).structure
         assert len(walks) == 1
         state["step"] = 2.5  # another type: another tree, walked again, once
@@ -1235,3 +1238,105 @@ def test_every_snapshot_holds_the_state_of_its_time(runtime: Path) -> None:
             change()
             tree, _capture = take(runtime, "kept")
             _same_snapshot(state, tree)
+
+
+# -- 8. states sent ahead of their copy (PROTOCOL.md, "filled") -----------------------
+
+
+def small_arrays(count: int, size: int = 128) -> dict[str, np.ndarray[Any, Any]]:
+    """``count`` float64 arrays of ``size`` elements, each holding its own index."""
+    return {f"p{i:05d}": np.full(size, i, dtype=np.float64) for i in range(count)}
+
+
+@pytest.mark.parametrize(
+    ("count", "size", "expected"),
+    [
+        pytest.param(4000, 128, True, id="4000-x-1KiB"),
+        pytest.param(20_000, 128, True, id="20000-x-1KiB"),
+        pytest.param(200, 40_000, False, id="200-x-320KiB"),
+        pytest.param(1000, 128, False, id="1MB-in-all"),
+        pytest.param(1, 1 << 20, False, id="one-8MiB-array"),
+    ],
+)
+def test_only_states_of_many_small_arrays_stream(count: int, size: int, expected: bool) -> None:
+    layout = Layout.plan({f"a{i}": np.zeros(size) for i in range(count)})
+    assert streams(layout) is expected
+
+
+def test_an_arena_filled_in_pieces_holds_what_one_fill_does() -> None:
+    arrays = {**small_arrays(3000), "flags": np.arange(5000, dtype=np.int32)}
+    layout = Layout.plan(arrays)
+    whole, pieces = Arena(layout.data_size, "whole"), Arena(layout.data_size, "pieces")
+    try:
+        whole.fill(layout, arrays)
+        in_order = [arrays[name] for name in layout.names]
+        reached = list(pieces.filling(layout, in_order, STREAM_UNIT))
+        assert reached == sorted(set(reached)), "each piece reaches further than the last"
+        assert reached[-1] == layout.data_size
+        assert len(reached) >= layout.data_size // STREAM_UNIT
+        cuts = {t.end for t in layout.tensors}
+        assert all(upto in cuts for upto in reached), "pieces end between tensors"
+        size = layout.data_size
+        assert os.pread(pieces.fd, size, 0) == os.pread(whole.fd, size, 0)
+    finally:
+        whole.close()
+        pieces.close()
+
+
+def test_a_state_of_many_small_arrays_streams_and_commits_whole(
+    runtime: Path, tmp_path: Path
+) -> None:
+    state = small_arrays(4000)
+    store = Store(tmp_path / "store")
+    with snapshotd.register("streamed", state, runtime_dir=runtime) as _run:
+        experiment = Experiment("streamed", socket_path(runtime, "streamed"), io_timeout=5.0)
+        try:
+            capture = experiment.snapshot(5.0)
+            stream = capture._stream
+            assert stream is not None, "the state was not sent ahead of its copy"
+            assert stream.filled < capture.nbytes
+            with capture.payload() as payload:
+                version = store.commit_payload("streamed", payload, step=capture.step)
+            del payload
+            capture.release()
+            experiment.done(capture.id, version)
+        finally:
+            experiment.close()
+    loaded = store.load("streamed", version)
+    assert loaded.keys() == state.keys()
+    for name, array in state.items():
+        np.testing.assert_array_equal(loaded[name], array)
+
+
+def test_a_copy_that_fails_midway_withdraws_the_state(
+    runtime: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A copy cannot be made to fail partway on demand (the shapes are checked before it
+    # starts), so the third piece's copy is made to raise.
+    real_fill = Arena._fill_run
+    calls = []
+
+    def failing_fill(self: Arena, run: Any, arrays: Any) -> None:
+        calls.append(run)
+        if len(calls) == 3:
+            raise ValueError("the copy broke")
+        real_fill(self, run, arrays)
+
+    state = small_arrays(4000)
+    store = Store(tmp_path / "store")
+    with snapshotd.register("withdrawn", state, runtime_dir=runtime) as _run:
+        experiment = Experiment("withdrawn", socket_path(runtime, "withdrawn"), io_timeout=5.0)
+        try:
+            monkeypatch.setattr(Arena, "_fill_run", failing_fill)
+            with pytest.raises(SnapshotSkipped, match=r"withdrew the state.*the copy broke"):
+                persist(experiment, store, timeout=5.0, now=datetime.now(UTC))
+            assert store.numbers("withdrawn") == []
+            assert list((tmp_path / "store" / "withdrawn").glob(".tmp.*")) == []
+            monkeypatch.setattr(Arena, "_fill_run", real_fill)
+            outcome = persist(experiment, store, timeout=5.0, now=datetime.now(UTC))
+        finally:
+            experiment.close()
+    assert outcome.version == 1, "a withdrawn state takes no version number"
+    loaded = store.load("withdrawn", 1)
+    for name, array in state.items():
+        np.testing.assert_array_equal(loaded[name], array)

@@ -33,6 +33,7 @@ from snapshotd.protocol import (
     Command,
     Decoder,
     Done,
+    Filled,
     Hello,
     Message,
     Push,
@@ -74,7 +75,7 @@ def frame(
     body: bytes | str,
     *,
     magic: bytes = b"SNPD",
-    version: int = 2,
+    version: int = 3,
     flags: int = 0,
     length: int | None = None,
 ) -> bytes:
@@ -195,6 +196,12 @@ WIRE_TABLE: list[tuple[str, Message, str]] = [
         '"description":3,"tensors":' + ODD_TENSORS + ',"arena_size":26}',
     ),
     (
+        "state-streamed",
+        StateReady(11, 1400, True, None, None, 1, filled=8192),
+        '{"type":"state","id":11,"step":1400,"safe_point":true,"description":1,"filled":8192}',
+    ),
+    ("filled", Filled(11, 31440), '{"type":"filled","id":11,"upto":31440}'),
+    (
         "skipped",
         Skipped(7, "no safe point (run.step) came in time"),
         '{"type":"skipped","id":7,"reason":"no safe point (run.step) came in time"}',
@@ -257,6 +264,7 @@ def test_the_table_covers_every_message_type() -> None:
         "hello",
         "snapshot",
         "state",
+        "filled",
         "skipped",
         "done",
         "push",
@@ -271,7 +279,7 @@ def test_the_table_covers_every_message_type() -> None:
 def test_encode_gives_the_documented_frame(message: Message, text: str) -> None:
     data = encode(message)
     magic, version, flags, length = HEADER.unpack_from(data)
-    assert (magic, version, flags) == (b"SNPD", 2, 0)
+    assert (magic, version, flags) == (b"SNPD", 3, 0)
     assert length == len(data) - HEADER.size
     body = data[HEADER.size :]
     assert body.isascii(), "the encoder writes ASCII-only JSON"
@@ -293,7 +301,7 @@ def test_encode_then_decode_gives_the_message(message: Message) -> None:
 def test_frame_header_bytes_are_pinned() -> None:
     data = encode(Hello("daemon", "a", 1))
     body = b'{"type":"hello","role":"daemon","name":"a","pid":1}'
-    assert data[:12] == b"SNPD\x02\x00\x00\x00" + len(body).to_bytes(4, "little")
+    assert data[:12] == b"SNPD\x03\x00\x00\x00" + len(body).to_bytes(4, "little")
     assert json.loads(data[12:]) == json.loads(body)
 
 
@@ -515,8 +523,8 @@ REJECTED: list[Any] = [
     pytest.param(frame(DONE_BODY, magic=b"snpd"), id="lowercase-magic"),
     pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="http-request"),
     pytest.param(frame(DONE_BODY, version=0), id="version-0"),
-    pytest.param(frame(DONE_BODY, version=1), id="version-1"),
-    pytest.param(frame(DONE_BODY, version=3), id="version-3"),
+    pytest.param(frame(DONE_BODY, version=2), id="version-2"),
+    pytest.param(frame(DONE_BODY, version=4), id="version-4"),
     pytest.param(frame(DONE_BODY, version=0xFFFF), id="version-ffff"),
     pytest.param(frame(DONE_BODY, flags=1), id="flags-1"),
     pytest.param(frame(DONE_BODY, flags=0x8000), id="flags-8000"),

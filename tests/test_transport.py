@@ -55,8 +55,11 @@ from snapshotd.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
     Done,
+    Filled,
     Hello,
+    Message,
     Push,
+    Skipped,
     SnapshotRequest,
     StateReady,
     TensorEntry,
@@ -390,6 +393,21 @@ class FakeExperiment:
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+@contextlib.contextmanager
+def fake_experiment(
+    script: Callable[[RawPeer, FakeExperiment], None], **kwargs: Any
+) -> Iterator[Experiment]:
+    """The daemon's side of a connection to a fake experiment playing ``script``."""
+    with runtime_dir() as runtime:
+        fake = FakeExperiment(runtime, script)
+        experiment = Experiment(NAME, fake.path, io_timeout=IO_TIMEOUT, **kwargs)
+        try:
+            yield experiment
+        finally:
+            experiment.close()
+            fake.close()
 
 
 def hello(peer: RawPeer, name: str = NAME, role: str = "experiment") -> None:
@@ -868,22 +886,16 @@ def test_a_repeated_description_reuses_the_one_received_and_checked() -> None:
         finally:
             arena.close()
 
-    with runtime_dir() as runtime:
-        fake = FakeExperiment(runtime, script)
-        experiment = Experiment(NAME, fake.path, io_timeout=IO_TIMEOUT)
-        try:
-            captures = []
-            for _ in range(2):
-                capture = experiment.snapshot(5.0)
-                captures.append((capture.step, capture.structure, capture.layout))
-                capture.release()
-                experiment.done(capture.id, 1)
-            with pytest.raises(RemoteProtocolError, match="repeats description 4"):
-                experiment.snapshot(5.0)
-            assert not experiment.connected
-        finally:
-            experiment.close()
-            fake.close()
+    with fake_experiment(script) as experiment:
+        captures = []
+        for _ in range(2):
+            capture = experiment.snapshot(5.0)
+            captures.append((capture.step, capture.structure, capture.layout))
+            capture.release()
+            experiment.done(capture.id, 1)
+        with pytest.raises(RemoteProtocolError, match="repeats description 4"):
+            experiment.snapshot(5.0)
+        assert not experiment.connected
     (step1, tree1, layout1), (step2, tree2, layout2) = captures
     assert (step1, step2) == (1, 2)
     assert tree1 == {"a": "x"}
@@ -913,14 +925,8 @@ def test_a_table_in_any_order_is_committed_in_offset_order(tmp_path: Path) -> No
             arena.close()
 
     store = Store(tmp_path / "store")
-    with runtime_dir() as runtime:
-        fake = FakeExperiment(runtime, script)
-        experiment = Experiment(NAME, fake.path, io_timeout=IO_TIMEOUT)
-        try:
-            outcome = persist(experiment, store, timeout=5.0, now=datetime.now(UTC))
-        finally:
-            experiment.close()
-            fake.close()
+    with fake_experiment(script) as experiment:
+        outcome = persist(experiment, store, timeout=5.0, now=datetime.now(UTC))
 
     loaded = store.load(NAME, outcome.version)
     np.testing.assert_array_equal(loaded["W"], w)
@@ -967,3 +973,200 @@ def test_an_arena_refused_by_the_staging_budget_is_not_kept_mapped() -> None:
             assert arenas_mapped_here(child.name) == 0, "the outgrown arena stayed mapped"
         finally:
             experiment.close()
+
+
+# -- 7. states sent ahead of their copy (PROTOCOL.md, "filled") -----------------------
+
+MiB = 1 << 20
+#: Four tensors of 1 MiB, the pieces a streamed commit goes in.
+PIECES = 4
+STREAMED_TABLE = TensorTable(
+    tuple(TensorEntry(f"t{i}", "uint8", (MiB,), i * MiB, (i + 1) * MiB) for i in range(PIECES)),
+    PIECES * MiB,
+)
+STREAMED_TREE = {"d": [[f"t{i}", {"a": f"t{i}"}] for i in range(PIECES)]}
+
+
+def streamed_state(req: SnapshotRequest, filled: int, description: int = 1) -> StateReady:
+    return StateReady(req.id, 5, True, STREAMED_TREE, STREAMED_TABLE, description, filled)
+
+
+def fill_piece(arena: Arena, index: int) -> None:
+    """Tensor ``index`` gets the byte value ``index + 1`` (an unfilled arena holds zeros)."""
+    os.pwrite(arena.fd, bytes([index + 1]) * MiB, index * MiB)
+
+
+def commit_from(
+    script: Callable[[RawPeer, FakeExperiment], None], store: Store, **kwargs: Any
+) -> tuple[Any, bool]:
+    """Run ``persist`` once against a fake experiment playing ``script``: the outcome
+    or the exception raised, and whether the connection was still open after it."""
+    with fake_experiment(script, **kwargs) as experiment:
+        try:
+            result: Any = persist(experiment, store, timeout=5.0, now=datetime.now(UTC))
+        except Exception as exc:
+            result = exc
+        return result, experiment.connected
+
+
+def streaming(
+    go_on: Callable[[RawPeer, Arena, SnapshotRequest], bool], answers: list[Any] | None = None
+) -> Callable[[RawPeer, FakeExperiment], None]:
+    """A fake experiment that answers a request with its first MiB filled, then plays
+    ``go_on`` (False: hang up), then keeps the daemon's answer in ``answers``."""
+
+    def script(peer: RawPeer, fake: FakeExperiment) -> None:
+        arena = Arena(PIECES * MiB, "fake")
+        try:
+            req = request(peer)
+            fill_piece(arena, 0)
+            peer.send(streamed_state(req, MiB), arena.fd)
+            if not go_on(peer, arena, req):
+                return
+            if answers is not None:
+                answers.append(peer.receive())
+            fake.release.wait(10)
+        finally:
+            arena.close()
+
+    return script
+
+
+def test_a_streamed_state_is_written_only_as_far_as_it_is_filled(tmp_path: Path) -> None:
+    """The daemon writes each piece once the experiment says it is there: a piece read
+    before its ``filled`` would be stored as zeros, and the file would still verify."""
+
+    def fill_slowly(peer: RawPeer, arena: Arena, req: SnapshotRequest) -> bool:
+        for index in range(1, PIECES):
+            time.sleep(0.05)  # the daemon has the first pieces by now, not this one
+            fill_piece(arena, index)
+            peer.send(Filled(req.id, (index + 1) * MiB))
+        return True
+
+    answers: list[Any] = []
+    store = Store(tmp_path / "store")
+    outcome, connected = commit_from(streaming(fill_slowly, answers), store)
+    assert not isinstance(outcome, Exception), outcome
+    loaded = store.load(NAME, outcome.version)
+    for index in range(PIECES):
+        assert set(loaded[f"t{index}"].tobytes()) == {index + 1}, f"piece {index} not waited for"
+    assert answers == [Done(1, outcome.version)]
+    assert connected
+
+
+def temporaries_in(store: Store) -> list[str]:
+    run = store.root / NAME
+    return sorted(p.name for p in run.glob(".tmp.*")) if run.exists() else []
+
+
+def test_a_state_withdrawn_midway_is_abandoned_without_a_trace(tmp_path: Path) -> None:
+    def withdraw(peer: RawPeer, arena: Arena, req: SnapshotRequest) -> bool:
+        peer.send(Filled(req.id, 2 * MiB))
+        peer.send(Skipped(req.id, "cannot copy the state: boom"))
+        return True
+
+    answers: list[Any] = []
+    store = Store(tmp_path / "store")
+    error, connected = commit_from(streaming(withdraw, answers), store)
+    assert isinstance(error, SnapshotSkipped), error
+    assert "withdrew the state: cannot copy the state: boom" in str(error)
+    assert connected, "a withdrawn state is not a broken connection"
+    assert store.numbers(NAME) == []
+    assert temporaries_in(store) == []
+    (done,) = answers
+    assert isinstance(done, Done)
+    assert done.version is None
+    assert done.error
+
+
+def breaking(kind: str) -> Callable[[RawPeer, Arena, SnapshotRequest], bool]:
+    """How a fake experiment breaks its stream after the first MiB (see ``streaming``)."""
+
+    def go_on(peer: RawPeer, arena: Arena, req: SnapshotRequest) -> bool:
+        said: dict[str, Message] = {
+            "no-progress": Filled(req.id, MiB),
+            "past-the-end": Filled(req.id, PIECES * MiB + 1),
+            "another-id": Filled(req.id + 1, 2 * MiB),
+            "another-message": Hello("experiment", NAME, os.getpid()),
+        }
+        if kind in said:
+            peer.send(said[kind])
+        return kind != "hang-up"  # "silent": say nothing more
+
+    return go_on
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("no-progress", RemoteProtocolError),
+        ("past-the-end", RemoteProtocolError),
+        ("another-id", RemoteProtocolError),
+        ("another-message", RemoteProtocolError),
+        ("silent", PeerUnreachable),
+        ("hang-up", PeerUnreachable),
+    ],
+)
+def test_a_stream_that_breaks_is_the_experiments_failure_not_the_stores(
+    kind: str, error: type[Exception], tmp_path: Path
+) -> None:
+    store = Store(tmp_path / "store")
+    raised, connected = commit_from(streaming(breaking(kind)), store)
+    assert type(raised) is error, raised  # not CommitFailed: the disk did nothing wrong
+    assert not connected, "a peer that broke the stream is not talked to again"
+    assert temporaries_in(store) == []
+    assert store.numbers(NAME) == []
+
+
+def test_filled_past_the_state_in_a_repeated_description_is_refused() -> None:
+    def script(peer: RawPeer, fake: FakeExperiment) -> None:
+        arena = Arena(PIECES * MiB, "fake")
+        try:
+            first = request(peer)
+            peer.send(streamed_state(first, PIECES * MiB), arena.fd)
+            peer.receive()  # done
+            second = peer.receive()
+            assert isinstance(second, SnapshotRequest)
+            peer.send(StateReady(second.id, 6, True, None, None, 1, PIECES * MiB + 1), arena.fd)
+            fake.release.wait(10)
+        finally:
+            arena.close()
+
+    with fake_experiment(script) as experiment:
+        finish(experiment, experiment.snapshot(5.0))
+        with pytest.raises(RemoteProtocolError, match="past the state"):
+            experiment.snapshot(5.0)
+        assert not experiment.connected
+
+
+def test_late_words_of_a_stream_ended_early_do_not_break_the_next_snapshot() -> None:
+    """A streamed state over the staging budget is refused at once; the experiment's
+    ``filled`` for it are still on their way when the next request goes out."""
+
+    def script(peer: RawPeer, fake: FakeExperiment) -> None:
+        big, small = Arena(PIECES * MiB, "fake"), Arena(4096, "fake-small")
+        try:
+            req = request(peer)
+            peer.send(streamed_state(req, MiB), big.fd)
+            refused = peer.receive()
+            assert isinstance(refused, Done)
+            assert refused.error
+            for index in range(1, PIECES):
+                peer.send(Filled(req.id, (index + 1) * MiB))
+            peer.send(Skipped(req.id, "late, and ignored"))
+            again = peer.receive()
+            assert isinstance(again, SnapshotRequest)
+            os.pwrite(small.fd, b"\x07" * 4096, 0)
+            peer.send(StateReady(again.id, 9, True, {"a": "x"}, one_tensor(4096), 2), small.fd)
+            fake.release.wait(10)
+        finally:
+            big.close()
+            small.close()
+
+    with fake_experiment(script, staging_budget=MiB) as experiment:
+        with pytest.raises(StagingBudgetExceeded):
+            experiment.snapshot(5.0)
+        capture = experiment.snapshot(5.0)
+        assert capture.step == 9
+        assert set(capture.flat().arrays["x"].tobytes()) == {7}
+        finish(experiment, capture)
