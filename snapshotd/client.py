@@ -432,7 +432,7 @@ class Run:
         try:
             taken = self._capture.take(self._target, request, step, safe_point, session)
         except _COPY_ERRORS as exc:
-            self._cannot_copy(request, exc)
+            self._cannot_copy(request, exc, session)
             return
         self._busy = request
         if not self._service.send(taken.message, taken.fd, session=session):
@@ -443,17 +443,26 @@ class Run:
 
     def _stream(self, request: int, rest: Iterator[int], session: int) -> None:
         """Copy the rest of a state sent ahead of its copy, saying how far it has come
-        after each piece, so the daemon writes the first pieces while the last are copied."""
+        after each piece, so the daemon writes the first pieces while the last are copied.
+
+        Stops once the daemon no longer reads it: it answered ``done`` early (a failed
+        commit, the staging budget) or the connection went (``_busy`` is cleared then),
+        or a send failed. The arena is filled whole again at the next snapshot.
+        """
         try:
             for upto in rest:
+                if self._busy != request:
+                    return
                 if not self._service.send(Filled(request, upto), session=session):
-                    return  # the daemon is gone: nobody reads the rest
+                    return
         except _COPY_ERRORS as exc:
-            self._cannot_copy(request, exc)  # withdraws the state; the daemon writes nothing
+            # Withdraws the state: the daemon abandons its commit, and no file is made.
+            self._cannot_copy(request, exc, session)
 
-    def _cannot_copy(self, request: int, exc: Exception) -> None:
+    def _cannot_copy(self, request: int, exc: Exception, session: int) -> None:
         log.error("%s: cannot snapshot the state: %s", self.name, exc)
-        self._service.send(Skipped(request, f"cannot copy the state: {exc}"))
+        # Only to the session that asked: ids start again at 1 on a new connection.
+        self._service.send(Skipped(request, f"cannot copy the state: {exc}"), session=session)
 
     def _on_request(self, request: SnapshotRequest) -> None:
         if self._busy is not None:
@@ -606,7 +615,7 @@ class _Capture:
         arrays = self.layout.in_order(leaves)
         rest, filled = None, None
         if streams(self.layout):
-            rest = self.arena.filling(self.layout, arrays, STREAM_UNIT)
+            rest = self.arena.filling(self.layout, arrays, _piece_size(self.layout))
             filled = next(rest)
         else:
             self.arena.fill_in_order(self.layout, arrays)
@@ -698,6 +707,18 @@ def streams(layout: Layout) -> bool:
     """
     count = len(layout.tensors)
     return layout.data_size >= 2 * STREAM_UNIT and layout.data_size <= STREAM_MEAN * count
+
+
+#: Most pieces a streamed state is copied in. Each one's ``filled`` waits in the socket
+#: until the daemon's commit catches up with it, and a few hundred fill the socket's
+#: buffer, where a send would block the training thread.
+MAX_PIECES = 64
+
+
+def _piece_size(layout: Layout) -> int:
+    """What a streamed state is copied in: ``STREAM_UNIT``, or larger pieces for a big
+    state, so that there are at most about ``MAX_PIECES`` of them."""
+    return max(STREAM_UNIT, -(-layout.data_size // MAX_PIECES))
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ def paused() -> Iterator[None]:
     back on early for each other, which only costs the time a collection takes, and a
     program that turns it off from another thread during a block finds it on again
     after it. So the blocks are kept to the bursts that need them: an experiment's
-    snapshot at its safe point, and the decoding of a large message.
+    snapshot at its safe point, a commit (for a streamed state, waiting for its pieces
+    too, which its request's deadline bounds), and the decoding of a large message.
     """
     if not gc.isenabled():
         yield

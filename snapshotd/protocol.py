@@ -434,7 +434,8 @@ _SCALAR_CHECKS: dict[str, Callable[[Any], bool]] = {
     "step": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
     "arena_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
     "upto": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-    "filled": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    # Absent when the arena is filled whole; never null on the wire.
+    "filled": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
     "timeout": lambda v: (
         isinstance(v, int | float) and not isinstance(v, bool) and v <= MAX_TIMEOUT
     ),

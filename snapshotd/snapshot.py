@@ -333,8 +333,8 @@ STREAM_UNIT = 1 << 20
 @dataclass(frozen=True, slots=True)
 class _Piece:
     """``[begin, end)`` of the data section, written or read in one call: tensors
-    ``first`` to ``last - 1`` whole, or a part of one tensor bigger than :data:`IO_UNIT`
-    (``part_of``, tensor ``first``)."""
+    ``first`` to ``last - 1`` whole, or a part of one tensor bigger than the unit of
+    :func:`_pieces` (``part_of``, tensor ``first``)."""
 
     begin: int
     end: int

@@ -91,11 +91,16 @@ class _Stream:
     """The part of a streamed state still being copied (``state.filled``): how far the
     arena holds the state, moved on by reading ``filled`` messages as they are needed."""
 
-    def __init__(self, experiment: Experiment, request: int, filled: int, size: int) -> None:
+    def __init__(
+        self, experiment: Experiment, request: int, filled: int, size: int, deadline: float
+    ) -> None:
         self._experiment = experiment
         self._request = request
         self.filled = filled
         self._size = size
+        #: When the whole state must be there (``time.monotonic``): the request's
+        #: deadline, so a peer that trickles its pieces cannot hold the commit open.
+        self._deadline = deadline
 
     def wait(self, upto: int) -> None:
         """Return once the arena holds the state up to byte ``upto``.
@@ -103,12 +108,14 @@ class _Stream:
         Raises:
             SnapshotSkipped: the experiment withdrew the state (its copy failed).
             PeerUnreachable: the connection failed, or no word came within the I/O
-                timeout; the connection is closed.
+                timeout or by the request's deadline; the connection is closed.
             RemoteProtocolError: the experiment broke the protocol; the connection is
                 closed.
         """
         while self.filled < min(upto, self._size):
-            self.filled = self._experiment.next_filled(self._request, self.filled, self._size)
+            self.filled = self._experiment.next_filled(
+                self._request, self.filled, self._size, self._deadline
+            )
 
 
 @dataclass
@@ -176,6 +183,12 @@ class _Description:
     layout: Layout
 
 
+def _late(message: Message, request: int) -> bool:
+    """True for a ``filled`` or ``skipped`` about a request before ``request``: late
+    words of a streamed state whose commit ended before its stream did."""
+    return isinstance(message, Filled | Skipped) and message.id < request
+
+
 def _check_tree(structure: Any, table: TensorTable) -> None:
     """The structure must be one we write and name exactly the tensors of the table.
 
@@ -211,6 +224,7 @@ class Experiment:
         self._budget = staging_budget
         self._channel: Channel | None = None
         self._ids = itertools.count(1)
+        self._last_id = 0  # the last request's id
         # The description last received on this connection, checked, with its layout:
         # a state that repeats it reuses all three (and the store its header template).
         self._description: _Description | None = None
@@ -253,30 +267,34 @@ class Experiment:
             RemoteProtocolError: the experiment broke the protocol; the connection is closed.
         """
         channel = self._require()
-        request = SnapshotRequest(next(self._ids), timeout)
+        request = SnapshotRequest(self._next_id(), timeout)
+        deadline = time.monotonic() + timeout + self._io_timeout
         try:
             channel.send(request, timeout=self._io_timeout)
-            message, fd = self._answer(channel, request, timeout + self._io_timeout)
+            message, fd = self._answer(channel, request.id, deadline)
         except BaseException:
             self.close()
             raise
-        return self._captured(request, message, fd)
+        return self._captured(request, message, fd, deadline)
+
+    def _next_id(self) -> int:
+        self._last_id = next(self._ids)
+        return self._last_id
 
     @staticmethod
-    def _answer(
-        channel: Channel, request: SnapshotRequest, timeout: float
-    ) -> tuple[Message, int | None]:
-        """The answer to ``request``, passing over late words about earlier requests: a
-        streamed state's ``filled`` or ``skipped`` still on their way when its commit
-        ended early (it failed, or the state was over the staging budget)."""
-        deadline = time.monotonic() + timeout
+    def _answer(channel: Channel, request: int, deadline: float) -> tuple[Message, int | None]:
+        """The next message by ``deadline`` (``time.monotonic``), passing over late
+        words about requests before ``request``: a streamed state's ``filled`` or
+        ``skipped`` still on their way when its commit ended early (it failed, or the
+        state was over the staging budget)."""
         while True:
             message, fd = channel.receive(deadline - time.monotonic())
-            late = isinstance(message, Filled | Skipped) and message.id < request.id
-            if not late or fd is not None:
+            if fd is not None or not _late(message, request):
                 return message, fd
 
-    def _captured(self, request: SnapshotRequest, message: Message, fd: int | None) -> Capture:
+    def _captured(
+        self, request: SnapshotRequest, message: Message, fd: int | None, deadline: float
+    ) -> Capture:
         if isinstance(message, Skipped) and message.id == request.id:
             raise SnapshotSkipped(self.name, message.reason)
         if not isinstance(message, StateReady) or message.id != request.id or fd is None:
@@ -286,9 +304,9 @@ class Experiment:
             raise RemoteProtocolError(
                 f"expected state for request {request.id}, got {message!r:.80}"
             )
-        return self._map_state(message, fd)
+        return self._map_state(message, fd, deadline)
 
-    def _map_state(self, state: StateReady, fd: int) -> Capture:
+    def _map_state(self, state: StateReady, fd: int, deadline: float) -> Capture:
         try:
             described = self._described(state)
             size = described.table.size
@@ -314,7 +332,7 @@ class Experiment:
             os.close(fd)  # a mapping keeps its file open
         stream = None
         if state.filled is not None and state.filled < size:
-            stream = _Stream(self, state.id, state.filled, size)
+            stream = _Stream(self, state.id, state.filled, size, deadline)
         return Capture(
             state.id,
             state.step,
@@ -325,17 +343,25 @@ class Experiment:
             stream,
         )
 
-    def next_filled(self, request: int, filled: int, size: int) -> int:
+    def next_filled(self, request: int, filled: int, size: int, deadline: float) -> int:
         """Wait for the next ``filled`` of streamed state ``request``, which holds
         ``filled`` of ``size`` bytes so far; return how far it holds the state now.
 
+        Waits at most the I/O timeout, and not past ``deadline`` (``time.monotonic``).
         Raises as ``_Stream.wait``.
         """
         channel = self._channel
         if channel is None:
             raise PeerUnreachable(self.name, "the connection was closed mid-snapshot")
         try:
-            message, fd = channel.receive(self._io_timeout)
+            message, fd = channel.receive(min(self._io_timeout, deadline - time.monotonic()))
+        except PeerUnreachable as exc:
+            self.close()
+            if time.monotonic() < deadline:
+                raise
+            raise PeerUnreachable(
+                self.name, "the state did not arrive in time (the request's deadline passed)"
+            ) from exc
         except BaseException:
             self.close()
             raise
@@ -405,15 +431,36 @@ class Experiment:
         channel = self._channel
         if channel is None:
             return False
+        while True:
+            try:
+                # Non-blocking for real: with a timeout set, Python would wait for data.
+                channel.sock.settimeout(0.0)
+                data = channel.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            if data == b"":
+                return True
+            if not self._drop_late(channel):
+                return False
+
+    def _drop_late(self, channel: Channel) -> bool:
+        """Read the message waiting on an idle connection: True if it was a late word
+        of a stream that ended early (read it, and look again: an end may be behind
+        it). Anything else breaks the protocol, as nothing was asked: the connection is
+        closed, and the next snapshot connects again."""
         try:
-            # Non-blocking for real: with a timeout set, Python would wait for data first.
-            channel.sock.settimeout(0.0)
-            data = channel.sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
+            message, fd = channel.receive(self._io_timeout)
+        except (PeerError, RemoteProtocolError):
+            self.close()
             return False
-        except OSError:
+        if fd is None and _late(message, self._last_id + 1):
             return True
-        return data == b""
+        if fd is not None:
+            os.close(fd)
+        self.close()
+        return False
 
     def done(self, request: int, version: int | None = None, error: str | None = None) -> None:
         """Tell the experiment its arena is free again (and what became of the snapshot)."""
@@ -439,11 +486,11 @@ class Experiment:
             arena.fill(layout, loaded.arrays)
             meta = loaded.header.meta
             push = Push(
-                next(self._ids), meta.version, meta.step, meta.structure, table_of(layout), timeout
+                self._next_id(), meta.version, meta.step, meta.structure, table_of(layout), timeout
             )
             channel.send(push, arena.fd, timeout=self._io_timeout)
             # The experiment answers at its deadline at the latest; allow for the trip.
-            reply = self._expect(channel, PushDone, timeout + self._io_timeout)
+            reply = self._expect(channel, PushDone, timeout + self._io_timeout, push.id)
         except BaseException:
             self.close()
             raise
@@ -465,8 +512,10 @@ class Experiment:
         assert self._channel is not None
         return self._channel
 
-    def _expect(self, channel: Channel, kind: type[_M], timeout: float) -> _M:
-        message, fd = channel.receive(timeout)
+    def _expect(self, channel: Channel, kind: type[_M], timeout: float, request: int = 0) -> _M:
+        """The next message, which must be a ``kind`` (late words before ``request``
+        passed over, see ``_answer``)."""
+        message, fd = self._answer(channel, request, time.monotonic() + timeout)
         if fd is not None:
             os.close(fd)
         if not isinstance(message, kind):

@@ -54,12 +54,13 @@ from snapshotd import (
 )
 from snapshotd.arena import Arena, table_of
 from snapshotd.capture import persist
-from snapshotd.client import _Capture, streams
+from snapshotd.client import MAX_PIECES, _Capture, _piece_size, streams
 from snapshotd.format import Layout
 from snapshotd.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
     Done,
+    Filled,
     Hello,
     Push,
     PushDone,
@@ -1263,6 +1264,16 @@ def test_only_states_of_many_small_arrays_stream(count: int, size: int, expected
     assert streams(layout) is expected
 
 
+@pytest.mark.parametrize("count", [4000, 10_000])
+def test_a_streamed_state_sends_a_bounded_number_of_pieces(count: int) -> None:
+    # 10,000 x 32 KiB: 320 MiB of small tensors (np.zeros: no memory is touched).
+    layout = Layout.plan({f"a{i}": np.zeros(4096) for i in range(count)})
+    assert streams(layout)
+    pieces = layout.runs_within(_piece_size(layout))
+    assert len(pieces) <= MAX_PIECES + 1, "each filled waits in the socket's buffer"
+    assert max(p.end - p.begin for p in pieces) <= max(STREAM_UNIT, layout.data_size // 60)
+
+
 def test_an_arena_filled_in_pieces_holds_what_one_fill_does() -> None:
     arrays = {**small_arrays(3000), "flags": np.arange(5000, dtype=np.int32)}
     layout = Layout.plan(arrays)
@@ -1340,3 +1351,56 @@ def test_a_copy_that_fails_midway_withdraws_the_state(
     loaded = store.load("withdrawn", 1)
     for name, array in state.items():
         np.testing.assert_array_equal(loaded[name], array)
+
+
+def test_an_experiment_stops_copying_once_the_daemon_gives_up(
+    runtime: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``done`` that comes before the copy is finished (the daemon refused the state)
+    ends the copy: nobody will read the rest, and every ``filled`` sent for it would
+    wait in the socket. The copy is slowed down so that the ``done`` comes early."""
+    real_fill = Arena._fill_run
+    copied = []
+
+    def slow_fill(self: Arena, run: Any, arrays: Any) -> None:
+        time.sleep(0.05)
+        copied.append(run)
+        real_fill(self, run, arrays)
+
+    monkeypatch.setattr(Arena, "_fill_run", slow_fill)
+    state = small_arrays(20_000)
+    pieces = len(Layout.plan(state).runs_within(STREAM_UNIT))
+    stop = threading.Event()
+    with snapshotd.register("gives-up", state, runtime_dir=runtime, consistency="step") as run:
+
+        def train() -> None:
+            step = 0
+            while not stop.is_set():
+                run.step(step)
+                step += 1
+                time.sleep(0.001)
+
+        trainer = threading.Thread(target=train)
+        trainer.start()
+        peer = RawPeer.connect(socket_path(runtime, "gives-up"))
+        try:
+            peer.send(Hello("daemon", "gives-up", os.getpid()))
+            assert isinstance(peer.receive(), Hello)
+            peer.send(SnapshotRequest(1, 5.0))
+            state_message = peer.receive()
+            assert isinstance(state_message, StateReady)
+            assert state_message.filled is not None
+            peer.send(Done(1, error="refused by the daemon"))
+            later = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    later.append(peer.receive(timeout=pieces * 0.05 + 1.0))
+        finally:
+            stop.set()
+            trainer.join(10)
+            peer.close()
+    assert pieces >= 15
+    # A few were on their way while this side read the 3 MB description.
+    assert len(later) <= pieces // 3, f"{len(later)} filled of {pieces} pieces after the done"
+    assert all(isinstance(m, Filled) for m in later)
+    assert len(copied) < pieces

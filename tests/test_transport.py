@@ -59,6 +59,7 @@ from snapshotd.protocol import (
     Hello,
     Message,
     Push,
+    PushDone,
     Skipped,
     SnapshotRequest,
     StateReady,
@@ -1139,9 +1140,10 @@ def test_filled_past_the_state_in_a_repeated_description_is_refused() -> None:
         assert not experiment.connected
 
 
-def test_late_words_of_a_stream_ended_early_do_not_break_the_next_snapshot() -> None:
-    """A streamed state over the staging budget is refused at once; the experiment's
-    ``filled`` for it are still on their way when the next request goes out."""
+def refused_stream(then: str) -> Callable[[RawPeer, FakeExperiment], None]:
+    """A fake experiment whose streamed state the daemon refuses at once (over the
+    staging budget); its ``filled`` and a withdrawal still follow, then ``then``:
+    answer a snapshot, answer a push, or hang up."""
 
     def script(peer: RawPeer, fake: FakeExperiment) -> None:
         big, small = Arena(PIECES * MiB, "fake"), Arena(4096, "fake-small")
@@ -1154,19 +1156,72 @@ def test_late_words_of_a_stream_ended_early_do_not_break_the_next_snapshot() -> 
             for index in range(1, PIECES):
                 peer.send(Filled(req.id, (index + 1) * MiB))
             peer.send(Skipped(req.id, "late, and ignored"))
-            again = peer.receive()
-            assert isinstance(again, SnapshotRequest)
-            os.pwrite(small.fd, b"\x07" * 4096, 0)
-            peer.send(StateReady(again.id, 9, True, {"a": "x"}, one_tensor(4096), 2), small.fd)
+            if then == "hang-up":
+                return
+            asked = peer.receive()
+            if isinstance(asked, SnapshotRequest):
+                os.pwrite(small.fd, b"\x07" * 4096, 0)
+                peer.send(StateReady(asked.id, 9, True, {"a": "x"}, one_tensor(4096), 2), small.fd)
+            elif isinstance(asked, Push):
+                peer.send(PushDone(asked.id))
             fake.release.wait(10)
         finally:
             big.close()
             small.close()
 
-    with fake_experiment(script, staging_budget=MiB) as experiment:
+    return script
+
+
+def test_late_words_of_a_stream_ended_early_do_not_break_the_next_snapshot() -> None:
+    with fake_experiment(refused_stream("snapshot"), staging_budget=MiB) as experiment:
         with pytest.raises(StagingBudgetExceeded):
             experiment.snapshot(5.0)
         capture = experiment.snapshot(5.0)
         assert capture.step == 9
         assert set(capture.flat().arrays["x"].tobytes()) == {7}
         finish(experiment, capture)
+
+
+def test_late_words_of_a_stream_ended_early_do_not_break_a_push(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    version = store.commit(NAME, {"x": np.ones(8)}, step=3)
+    with fake_experiment(refused_stream("push"), staging_budget=MiB) as experiment:
+        with pytest.raises(StagingBudgetExceeded):
+            experiment.snapshot(5.0)
+        experiment.push(store.read(NAME, version), 5.0)  # PushDone, past the late words
+        assert experiment.connected
+
+
+def test_late_words_of_a_stream_ended_early_do_not_hide_a_hang_up() -> None:
+    """Between snapshots the daemon looks for experiments that went away by peeking at
+    their connection: late words waiting there must not hide the end behind them."""
+    with fake_experiment(refused_stream("hang-up"), staging_budget=MiB) as experiment:
+        with pytest.raises(StagingBudgetExceeded):
+            experiment.snapshot(5.0)
+        deadline = time.monotonic() + 5.0
+        while not experiment.peer_closed() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert experiment.peer_closed()
+
+
+def test_a_stream_trickled_past_the_requests_deadline_is_abandoned(tmp_path: Path) -> None:
+    """Each ``filled`` within the I/O timeout is not enough: the whole state must be
+    there by the request's deadline, or one peer could hold a commit (and its run's
+    lock) open for as long as it likes."""
+
+    def trickle_on(peer: RawPeer, arena: Arena, req: SnapshotRequest) -> bool:
+        # A byte a third of the I/O timeout apart, for 30 times the request's deadline.
+        for upto in range(MiB + 1, MiB + 60):
+            time.sleep(IO_TIMEOUT / 3)
+            peer.send(Filled(req.id, upto))
+        return True
+
+    store = Store(tmp_path / "store")
+    started = time.monotonic()
+    with fake_experiment(streaming(trickle_on)) as experiment:
+        with pytest.raises(PeerUnreachable, match="did not arrive in time"):
+            persist(experiment, store, timeout=IO_TIMEOUT, now=datetime.now(UTC))
+        waited = time.monotonic() - started
+    assert waited < 10 * IO_TIMEOUT, "the commit waited far past the request's deadline"
+    assert temporaries_in(store) == []
+    assert store.numbers(NAME) == []
