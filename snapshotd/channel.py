@@ -137,7 +137,10 @@ class Channel:
     def _fill(self, deadline: float | None) -> None:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
-            raise PeerUnreachable(self.name, "timed out waiting for a message")
+            # A TimeoutError as the cause, like a socket's own timeout: callers tell a
+            # silent peer from a gone one by the cause, never by the words.
+            late = TimeoutError(f"the deadline passed with {self._decoder.pending} bytes in")
+            raise PeerUnreachable(self.name, "timed out waiting for a message") from late
         try:
             self.sock.settimeout(remaining)
             data, fds = _recv_with_fds(self.sock)

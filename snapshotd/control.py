@@ -163,7 +163,7 @@ def _answering(verb: str, timeout: float) -> Iterator[None]:
     try:
         yield
     except PeerUnreachable as exc:
-        if isinstance(exc.__cause__, TimeoutError) or "timed out" in str(exc):
+        if isinstance(exc.__cause__, TimeoutError):  # a socket's timeout, or our deadline
             why = f"gave no answer to the {verb} command in {timeout:g} s; it may still be at it"
         else:
             why = (

@@ -401,10 +401,12 @@ def test_a_peer_that_stalls_mid_frame_is_unreachable_after_the_timeout(
     if sent:
         peer.sendall(data[:sent])
     start = time.monotonic()
-    with pytest.raises(PeerUnreachable):
+    with pytest.raises(PeerUnreachable) as caught:
         channel.receive(0.3)
     elapsed = time.monotonic() - start
     assert 0.3 <= elapsed < 1.3
+    # Callers tell a silent peer from a gone one by this cause (control.call does).
+    assert isinstance(caught.value.__cause__, TimeoutError)
     peer.sendall(data[sent:])  # a late completion is still read whole afterwards
     assert channel.receive(1.0) == (Reply(1, True, "x" * 100), None)
 
@@ -424,9 +426,10 @@ def test_the_timeout_bounds_the_whole_message_not_each_read(pair: Pair) -> None:
     writer.start()
     try:
         start = time.monotonic()
-        with pytest.raises(PeerUnreachable):
+        with pytest.raises(PeerUnreachable) as caught:
             channel.receive(0.5)
         assert time.monotonic() - start < 1.5
+        assert isinstance(caught.value.__cause__, TimeoutError)
     finally:
         stop.set()
         writer.join()
@@ -439,9 +442,10 @@ def test_a_peer_that_closes_is_unreachable(pair: Pair) -> None:
     assert channel.receive(1.0) == (Done(1), None)
     assert channel.receive(1.0) == (Done(2), None)
     start = time.monotonic()
-    with pytest.raises(PeerUnreachable, match="closed"):
+    with pytest.raises(PeerUnreachable, match="closed") as caught:
         channel.receive(5.0)
     assert time.monotonic() - start < 1.0
+    assert not isinstance(caught.value.__cause__, TimeoutError)
 
 
 def test_a_peer_that_closes_mid_frame_breaks_the_protocol(pair: Pair) -> None:
