@@ -520,15 +520,19 @@ def parse(text: str, *, base_dir: Path, source: Path | None = None) -> Config:
 def load(path: Path) -> Config:
     """Read and parse the config file at ``path`` (relative paths: see the module doc)."""
     path = path.absolute()
+    with _naming(path):
+        return parse(_read(path), base_dir=path.parent, source=path)
+
+
+def _read(path: Path) -> str:
+    """The text of the config file at ``path``; a ConfigError says why it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
         raise ConfigError(
-            "", f"cannot read config file {path}: {why}; pass --config FILE or set SNAPSHOTD_CONFIG"
+            "", f"cannot read the file: {why}; pass --config FILE or set SNAPSHOTD_CONFIG"
         ) from exc
-    with _naming(path):
-        return parse(text, base_dir=path.parent, source=path)
 
 
 @contextmanager
@@ -538,7 +542,7 @@ def _naming(path: Path) -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        raise ConfigError(exc.key_path, exc.problem, source=path) from None
+        raise ConfigError(exc.key_path, exc.problem, source=path) from exc.__cause__
 
 
 def runtime_dir_of(path: Path) -> Path | None:
@@ -551,11 +555,7 @@ def runtime_dir_of(path: Path) -> Path | None:
     """
     path = path.absolute()
     with _naming(path):
-        try:
-            document = _yaml(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
-            raise ConfigError("", f"cannot read the config file: {why}") from None
+        document = _yaml(_read(path))
         if not isinstance(document, dict) or document.get("runtime_dir") is None:
             return None
         try:

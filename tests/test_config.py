@@ -645,6 +645,19 @@ def test_runtime_dir_of_refuses_what_it_cannot_use_naming_the_file(
     assert str(caught.value).startswith(f"{path}: ")
 
 
+@pytest.mark.parametrize("name", ["missing.yaml", "."], ids=["missing", "directory"])
+def test_load_and_runtime_dir_of_say_the_same_of_a_file_they_cannot_read(
+    tmp_path: Path, name: str
+) -> None:
+    path = (tmp_path / name).absolute()
+    with pytest.raises(ConfigError) as loading:
+        load(path)
+    with pytest.raises(ConfigError) as peeking:
+        runtime_dir_of(path)
+    assert str(loading.value) == str(peeking.value)
+    assert isinstance(loading.value.__cause__, OSError), "the OS's error stays reachable"
+
+
 def test_runtime_dir_of_a_missing_file_or_a_document_without_one(tmp_path: Path) -> None:
     missing = tmp_path / "none.yaml"
     with pytest.raises(ConfigError, match=f"^{re.escape(str(missing))}: config: cannot read"):
