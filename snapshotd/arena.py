@@ -67,14 +67,18 @@ class Arena:
     def filling(
         self, layout: Layout, arrays: Sequence[np.ndarray[Any, Any]], unit: int
     ) -> Iterator[int]:
-        """:meth:`fill_in_order` a piece of about ``unit`` bytes at a time: after each
-        piece, yield how many bytes from the arena's start hold the state (the last
-        yield is the arena's size; each is larger than the one before). Raises as
-        :meth:`fill_in_order`."""
+        """:meth:`fill_in_order` a piece of ``unit`` to ``2 * unit`` bytes at a time:
+        after each piece, yield how many bytes from the arena's start hold the state
+        (the last yield is the arena's size; each is larger than the one before, so
+        there are at most ``size / unit + 1``). Raises as :meth:`fill_in_order`.
+
+        A piece is one or more runs of one dtype: tensors of two dtypes in turn make a
+        run per tensor, and a yield per run would be a message per tensor.
+        """
         done = 0
         for run in layout.runs_within(unit):
             self._fill_run(run, arrays)
-            if done < run.end < layout.data_size:
+            if run.end - done >= unit and run.end < layout.data_size:
                 done = run.end
                 yield done
         yield layout.data_size

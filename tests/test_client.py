@@ -1264,14 +1264,32 @@ def test_only_states_of_many_small_arrays_stream(count: int, size: int, expected
     assert streams(layout) is expected
 
 
-@pytest.mark.parametrize("count", [4000, 10_000])
-def test_a_streamed_state_sends_a_bounded_number_of_pieces(count: int) -> None:
-    # 10,000 x 32 KiB: 320 MiB of small tensors (np.zeros: no memory is touched).
-    layout = Layout.plan({f"a{i}": np.zeros(4096) for i in range(count)})
+@pytest.mark.parametrize(
+    ("count", "size", "dtypes"),
+    [
+        pytest.param(4000, 4096, ("float64",), id="128MiB"),
+        pytest.param(20_000, 256, ("float32", "int32"), id="two-dtypes-in-turn"),
+        pytest.param(20_000, 128, ("float64", "int64", "float32", "bool"), id="four-in-turn"),
+    ],
+)
+def test_a_streamed_state_sends_a_bounded_number_of_pieces(
+    count: int, size: int, dtypes: tuple[str, ...]
+) -> None:
+    arrays = {f"a{i}": np.ones(size, dtype=dtypes[i % len(dtypes)]) for i in range(count)}
+    layout = Layout.plan(arrays)
     assert streams(layout)
-    pieces = layout.runs_within(_piece_size(layout))
-    assert len(pieces) <= MAX_PIECES + 1, "each filled waits in the socket's buffer"
-    assert max(p.end - p.begin for p in pieces) <= max(STREAM_UNIT, layout.data_size // 60)
+    unit = _piece_size(layout)
+    assert unit == max(STREAM_UNIT, -(-layout.data_size // MAX_PIECES))
+    arena = Arena(layout.data_size, "bounded")
+    try:
+        reached = list(arena.filling(layout, [arrays[n] for n in layout.names], unit))
+    finally:
+        arena.close()
+    # Each filled waits in the socket's buffer until the daemon's commit catches up.
+    assert len(reached) <= layout.data_size // unit + 1
+    assert len(reached) <= MAX_PIECES + 1
+    steps = [b - a for a, b in zip([0, *reached], reached, strict=False)]
+    assert all(step <= 2 * unit for step in steps)
 
 
 def test_an_arena_filled_in_pieces_holds_what_one_fill_does() -> None:
