@@ -197,33 +197,28 @@ class Layout:
         return tuple(runs)
 
     def runs_within(self, limit: int) -> tuple[DtypeRun, ...]:
-        """:attr:`runs` cut at tensor boundaries into pieces of at most ``limit`` bytes;
-        a tensor bigger than ``limit`` is a piece of its own (computed once per limit)."""
+        """:attr:`runs` cut where the :meth:`groups` of ``limit`` start too: pieces of
+        one dtype and at most ``limit`` bytes, or a tensor bigger than ``limit`` on its
+        own (computed once per limit)."""
         known = self._cut_runs.get(limit)
         if known is None:
+            starts = {begin for begin, _end in self.groups(limit)} | {r.first for r in self.runs}
+            bounds = [*sorted(starts), len(self.tensors)]
             known = self._cut_runs[limit] = tuple(
-                piece for run in self.runs for piece in self._cut(run, limit)
+                DtypeRun(
+                    self.tensors[first].dtype,
+                    self.tensors[first].begin,
+                    self.tensors[last - 1].end,
+                    first,
+                    last,
+                )
+                for first, last in itertools.pairwise(bounds)
             )
         return known
 
     @functools.cached_property
     def _cut_runs(self) -> dict[int, tuple[DtypeRun, ...]]:
         return {}
-
-    def _cut(self, run: DtypeRun, limit: int) -> list[DtypeRun]:
-        pieces, first, total = [], run.first, 0
-        for index in range(run.first, run.last):
-            size = self.sizes[index]
-            if index > first and total + size > limit:
-                pieces.append(self._run_of(run.dtype, first, index))
-                first, total = index, 0
-            total += size
-        if first < run.last:
-            pieces.append(self._run_of(run.dtype, first, run.last))
-        return pieces
-
-    def _run_of(self, dtype: np.dtype[Any], first: int, last: int) -> DtypeRun:
-        return DtypeRun(dtype, self.tensors[first].begin, self.tensors[last - 1].end, first, last)
 
     def groups(self, limit: int) -> tuple[tuple[int, int], ...]:
         """Index ranges ``[begin, end)`` of consecutive tensors of at most ``limit`` bytes

@@ -943,3 +943,20 @@ def test_templates_of_other_trees_on_one_layout_render_their_own_headers() -> No
 
         assert rendered == reference_header(layout, meta, digests)
         assert template.length(meta) == len(rendered)
+
+
+@pytest.mark.parametrize("limit", [1, 100, 4096, 1 << 20])
+def test_runs_within_a_limit_tile_the_tensors_one_dtype_each(limit: int) -> None:
+    dtypes = ("float32", "int32", "float64", "bool")
+    arrays = {f"a{i}": np.zeros(7 * (i % 13) + 1, dtype=dtypes[i % 4]) for i in range(300)}
+    arrays["big"] = np.zeros(300_000, dtype=np.float64)
+    layout = fmt.Layout.plan(arrays)
+    pieces = layout.runs_within(limit)
+    assert [p.first for p in pieces] == [0, *(p.last for p in pieces[:-1])]
+    assert pieces[-1].last == len(layout.tensors)
+    for piece in pieces:
+        members = layout.tensors[piece.first : piece.last]
+        assert {t.dtype for t in members} == {piece.dtype}
+        assert (piece.begin, piece.end) == (members[0].begin, members[-1].end)
+        assert piece.end - piece.begin <= limit or len(members) == 1
+    assert layout.runs_within(limit) is pieces, "computed once per limit"
