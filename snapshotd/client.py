@@ -461,7 +461,7 @@ class Run:
 
     def _cannot_copy(self, request: int, exc: Exception, session: int) -> None:
         log.error("%s: cannot snapshot the state: %s", self.name, exc)
-        # Only to the session that asked: ids start again at 1 on a new connection.
+        # Only to the session that asked: a restarted daemon numbers its requests from 1.
         self._service.send(Skipped(request, f"cannot copy the state: {exc}"), session=session)
 
     def _on_request(self, request: SnapshotRequest) -> None:
